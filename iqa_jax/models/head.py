@@ -1,0 +1,85 @@
+"""The quality head: Dense d->512, act1, Dense 512->512, act2, Dense 512->1 (§3.1, §4)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Named heads of the paper: Table 1 baseline, Table 1 "+Sig" (Table 6), Table 2 gated (Eq. 3).
+NAMED_HEADS = {
+    "baseline": ("lrelu", "lrelu"),
+    "sigmoid": ("sigmoid", "lrelu"),
+    "gated": ("gated", "gated"),
+}
+ACTIVATIONS = ("lrelu", "relu", "gelu", "tanh", "sigmoid", "gated")
+
+
+class GatedActivation(nn.Module):
+  """Eq. 3: y = s(g) * gamma * s(alpha x + beta) + (1 - s(g)) * LReLU_a(x), per channel.
+
+  Init (§4): g=0, alpha=1, beta=0, gamma=2, a=0.25. Parameters stay float32 (App. B.1).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    const = lambda v: (lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype))
+    g = self.param("g", const(0.0), (c,))
+    alpha = self.param("alpha", const(1.0), (c,))
+    beta = self.param("beta", const(0.0), (c,))
+    gamma = self.param("gamma", const(2.0), (c,))
+    a = self.param("a", const(0.25), (c,))
+    x = x.astype(jnp.float32)
+    w = jax.nn.sigmoid(g)
+    lrelu = jnp.where(x >= 0, x, a * x)
+    return w * gamma * jax.nn.sigmoid(alpha * x + beta) + (1.0 - w) * lrelu
+
+
+def activation(name: str, layer_name: str):
+  if name == "gated":
+    return GatedActivation(name=layer_name)
+  fns = {
+      # torch.nn.LeakyReLU's default slope, as in the paper's baseline head.
+      "lrelu": lambda x: jax.nn.leaky_relu(x, 0.01),
+      "relu": jax.nn.relu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "tanh": jnp.tanh,
+      "sigmoid": jax.nn.sigmoid,
+  }
+  if name not in fns:
+    raise ValueError(f"head activation must be one of {ACTIVATIONS}, got {name!r}")
+  return fns[name]
+
+
+def resolve_head(head: str | Sequence[str]) -> tuple[str, str]:
+  """'gated' -> ('gated', 'gated'); 'sigmoid,lrelu' -> ('sigmoid', 'lrelu')."""
+  if isinstance(head, str):
+    if head in NAMED_HEADS:
+      return NAMED_HEADS[head]
+    head = tuple(h.strip() for h in head.split(","))
+  acts = tuple(head)
+  if len(acts) != 2 or any(a not in ACTIVATIONS for a in acts):
+    raise ValueError(f"model.head must be one of {sorted(NAMED_HEADS)} or 'act1,act2' with acts "
+                     f"from {ACTIVATIONS}; got {head!r}")
+  return acts  # type: ignore[return-value]
+
+
+class QualityHead(nn.Module):
+  """The paper's three-layer MLP regressor, computed in float32."""
+  acts: tuple[str, str] = NAMED_HEADS["gated"]
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, feature):
+    out = {}
+    x = feature.astype(jnp.float32)
+    x = nn.Dense(self.hidden, name="fc1")(x)
+    x = activation(self.acts[0], "act1")(x)
+    out["hidden1"] = x
+    x = nn.Dense(self.hidden, name="fc2")(x)
+    x = activation(self.acts[1], "act2")(x)
+    out["hidden2"] = x
+    score = nn.Dense(1, name="fc3")(x)[..., 0]
+    return score, out

@@ -1,0 +1,74 @@
+"""Backbone registry and the full IQA model: backbone feature -> quality head -> score."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from iqa_jax.models import hf_io
+from iqa_jax.models.head import QualityHead, resolve_head
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Backbone:
+  """What a backbone family's `build(model_config)` returns."""
+  module: nn.Module          # __call__(images NHWC, train) -> (feature (B, d), {intermediates})
+  params: dict | None        # pretrained params in the module's layout, or None for random init
+  preprocessing: dict        # native recipe: size, crop, mean, std, resample
+
+
+# family -> "module:function". Each family file owns its checkpoint quirks (STYLE.md).
+BACKBONES: dict[str, str] = {
+    "siglip": "iqa_jax.models.siglip:build",
+}
+
+
+def register_backbone(family: str, target: str) -> None:
+  BACKBONES[family] = target
+
+
+def build_backbone(model_config: ml_collections.ConfigDict) -> Backbone:
+  family = model_config.backbone
+  if family not in BACKBONES:
+    raise ValueError(f"config.model.backbone={family!r} is unknown; choose one of {sorted(BACKBONES)}")
+  mod, fn = BACKBONES[family].split(":")
+  build: Callable[[Any], Backbone] = getattr(importlib.import_module(mod), fn)
+  return build(model_config)
+
+
+class IQAModel(nn.Module):
+  """images -> (score (B,), out) where out holds the backbone's intermediates and 'feature'."""
+  backbone: nn.Module
+  head: QualityHead
+
+  def __call__(self, images, train: bool = False):
+    feature, out = self.backbone(images, train=train)
+    out = dict(out)
+    out["feature"] = feature
+    score, head_out = self.head(feature)
+    out.update(head_out)
+    return score, out
+
+
+def create_model(config: ml_collections.ConfigDict, rng=None):
+  """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights overlaid."""
+  bb = build_backbone(config.model)
+  model = IQAModel(backbone=bb.module, head=QualityHead(acts=resolve_head(config.model.head),
+                                                        hidden=config.model.get("head_hidden", 512)))
+  size = bb.preprocessing["crop"] or bb.preprocessing["size"]
+  size = config.data.get("image_size") or size
+  rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  params = jax.jit(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"])(rng)
+  params = jax.tree.map(lambda x: x, dict(params))
+  if bb.params is not None:
+    where = f"config.model.init={config.model.init!r}"
+    params["backbone"] = hf_io.merge_loaded(jax.device_get(params["backbone"]), bb.params, where)
+  return model, params, bb.preprocessing
