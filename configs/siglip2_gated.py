@@ -1,0 +1,15 @@
+"""SigLIP2-SO400M@512 + LoRA(q,k; r=4, alpha=8) + the gated head (Tables 1-2).
+
+python -m iqa_jax.train --config configs/siglip2_gated.py --config.data.name=koniq10k --config.data.dir=/data/koniq
+"""
+from iqa_jax.defaults import base_config, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  c = base_config()
+  c.name = "siglip2_gated"
+  c.model.backbone = "siglip"
+  c.model.init = args.get("init", "google/siglip2-so400m-patch16-512")
+  c.model.head = "gated"
+  return c

@@ -1,0 +1,179 @@
+"""Records -> batches on grain: a random-access source, shuffle, pp ops, batch, threads/workers.
+
+The source is any sequence of example dicts (`RecordSource` here, the prepare cache, or later a
+TFDS data source); the rest of the chain does not care which.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from iqa_jax.data import images, pp
+from iqa_jax.data.records import Record
+
+_BATCH_KEYS = ("image", "mos", "index")
+
+
+class RecordSource(Sequence):
+  """Random access to records as example dicts {'path', 'mos', 'index'}."""
+
+  def __init__(self, records: Sequence[Record]):
+    self._records = records
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict:
+    r = self._records[i]
+    return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}
+
+
+def _check_file(path: str) -> str | None:
+  """Reason the file is unusable, or None. Decodes fully (JPEG at 1/8 scale) to catch truncation."""
+  if not os.path.isfile(path):
+    return "file not found"
+  try:
+    with Image.open(path) as img:
+      if img.format == "JPEG":
+        img.draft(img.mode, (img.width // 8, img.height // 8))
+      img.load()
+  except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable
+    return f"cannot decode image ({type(e).__name__}: {e})"
+  return None
+
+
+def _check_mos(r: Record) -> str | None:
+  if not (math.isfinite(r.mos) and math.isfinite(r.raw_mos)):
+    return f"MOS is not a number (mos={r.mos}, raw_mos={r.raw_mos})"
+  if not 0.0 <= r.mos <= 1.0:
+    return f"normalised MOS {r.mos} (raw {r.raw_mos}) is outside [0, 1]"
+  return None
+
+
+def check_records(records: Sequence[Record], on_error: str = "raise",
+                  threads: int = 8) -> tuple[list[Record], list[tuple[str, str]]]:
+  """Verifies MOS values, duplicate paths and that each file decodes -> (kept, [(path, reason)]).
+
+  on_error='raise' raises on the first bad record in order; 'skip' drops and returns them.
+  """
+  if on_error not in ("raise", "skip"):
+    raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
+    file_reasons = list(pool.map(_check_file, [r.path for r in records]))
+  kept, skipped, seen = [], [], set()
+  for row, (r, file_reason) in enumerate(zip(records, file_reasons)):
+    reason = _check_mos(r) or ("duplicate path" if r.path in seen else None) or file_reason
+    seen.add(r.path)
+    if reason is None:
+      kept.append(r)
+      continue
+    if on_error == "raise":
+      error = images.ImageError if reason is file_reason else ValueError
+      raise error(f"{r.path} (record {row}): {reason}. Fix the file or its annotation row, "
+                  "or set data.on_error=skip to skip it and log it.")
+    skipped.append((r.path, reason))
+  if skipped:
+    logging.warning("Skipped %d of %d records (data.on_error=skip); first: %s: %s",
+                    len(skipped), len(records), *skipped[0])
+  return kept, skipped
+
+
+def _preprocess(pp_fn):
+  def apply(example: dict) -> dict:
+    try:
+      out = pp_fn(example)
+    except images.ImageError:
+      raise
+    except Exception as e:
+      raise images.ImageError(f"{example['path']}: preprocessing failed ({type(e).__name__}: "
+                              f"{e}). Run check_records first, or fix the pp string.") from e
+    return {k: out[k] for k in _BATCH_KEYS}
+  return apply
+
+
+def _pad_batch(batch_size: int):
+  def pad(batch: dict) -> dict:
+    n = len(batch["index"])
+    out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+           for k, v in batch.items()}
+    out["index"][n:] = -1
+    out["valid"] = np.arange(batch_size) < n
+    return out
+  return pad
+
+
+class CachedSource(Sequence):
+  """Records whose images come from a prepare cache: example dicts with 'image' already decoded."""
+
+  def __init__(self, records: Sequence[Record], cache: str):
+    from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    self._base = RecordSource(records)
+    self._images = prepare.open_cache(cache, [r.path for r in records])
+
+  def __len__(self) -> int:
+    return len(self._base)
+
+  def __getitem__(self, i: int) -> dict:
+    return {**self._base[i], "image": self._images[i]}
+
+
+@dataclasses.dataclass
+class Loader:
+  """An iterable of batches with a length; each iteration replays the same order."""
+  dataset: grain.MapDataset
+  workers: int = 0
+  threads: int = 8
+  prefetch: int = 64
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def __iter__(self) -> Iterator[dict]:
+    read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+    ds = self.dataset.to_iter_dataset(read)
+    if self.workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+    return iter(ds)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """One shuffle seed per (seed, epoch), the same on any machine."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _source(records, cache):
+  return CachedSource(records, cache) if cache else RecordSource(records)
+
+
+def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *, seed: int,
+                      epoch: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1,
+                      drop_remainder: bool = True, threads: int = 8,
+                      cache: str | None = None) -> Loader:
+  """Shuffled batches {'image', 'mos', 'index'} of one epoch for this shard (JAX process).
+
+  All shards shuffle the whole dataset alike and take every shard_count-th example, so shards are
+  disjoint; each takes len // shard_count examples, so all run the same number of steps.
+  """
+  ds = grain.MapDataset.source(_source(records, cache)).shuffle(seed=epoch_seed(seed, epoch))
+  per_shard = len(records) // shard_count
+  ds = ds[shard_index:per_shard * shard_count:shard_count]
+  ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return Loader(ds, workers=workers, threads=threads)
+
+
+def make_eval_loader(records: Sequence[Record], pp_str: str, batch_size: int, *,
+                     workers: int = 0, threads: int = 8, cache: str | None = None) -> Loader:
+  """Batches in record order; the last is zero-padded to batch_size, with a 'valid' mask."""
+  ds = grain.MapDataset.source(_source(records, cache))
+  ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
+  ds = ds.batch(batch_size, drop_remainder=False).map(_pad_batch(batch_size))
+  return Loader(ds, workers=workers, threads=threads)

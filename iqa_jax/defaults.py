@@ -1,0 +1,65 @@
+"""The paper's training recipe as one base config; files in configs/ change only what differs."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "iqa"
+  c.seed = 8  # App. B: seeds 8, 19, 25
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "siglip"
+  c.model.init = "google/siglip2-so400m-patch16-512"  # local folder or cached hub id; None: random
+  c.model.variant = "so400m/16@512"  # architecture when init is None
+  c.model.head = "gated"  # baseline | sigmoid | gated | "act1,act2"
+  c.model.head_hidden = 512
+  c.model.finetune = "lora"  # frozen | lora | full
+  c.model.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 8.0, "dropout": 0.05})  # §3.1
+  c.model.dtype = "bfloat16"  # backbone compute; head, LoRA and gates stay float32 (App. B.1)
+  c.model.remat = "nothing"  # none | nothing | dots | everything (per encoder block)
+  c.model.scan = True
+  c.model.attention = "auto"  # auto (cuDNN flash on GPU) | xla | cudnn
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "koniq10k"
+  c.data.dir = ""
+  c.data.split = "random"  # random | content (by reference image / prompt)
+  c.data.val_fraction = 0.2  # App. B: 80/20
+  c.data.test_fraction = 0.0
+  c.data.image_size = 512  # §3.1: images resized to 512
+  c.data.pp = ""  # empty: the checkpoint's native recipe at image_size
+  c.data.workers = 0
+  c.data.on_error = "raise"  # raise | skip
+  c.data.cache = ""
+  c.data.options = ml_collections.ConfigDict()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.epochs = 30
+  c.optim.batch_size = 12  # App. B.1: physical batch 2 x accumulation 6
+  c.optim.grad_accum = 6
+  c.optim.lr = 1e-4
+  c.optim.backbone_lr = 5e-6
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = "multistep"  # constant for CLIVE / AGIQA, multistep for the large four
+  c.optim.milestones = (15, 25)
+  c.optim.gamma = 0.2
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.margin_lambda = 0.25  # Eq. 1
+  c.loss.margin_weight = 1.0
+
+  c.eval_batch_size = 32
+  c.log_grad_norm = False
+  c.progress = True
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'head=sigmoid,res=384' -> {'head': 'sigmoid', 'res': '384'} (big_vision config args)."""
+  if not arg:
+    return {}
+  return dict(kv.split("=", 1) for kv in arg.split(",") if kv)

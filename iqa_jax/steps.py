@@ -1,0 +1,86 @@
+"""The jit-compiled train and eval steps: grads of the trainable partition only, accumulated
+over micro-batches inside one step (App. B.1: physical batch 2 x accumulation 6)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from iqa_jax.losses import iqa_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def split_params(params, labels):
+  """-> (trainable, frozen) trees of the same structure, with None where a leaf is elsewhere."""
+  trainable = jax.tree.map(lambda p, l: None if l == "frozen" else p, params, labels)
+  frozen = jax.tree.map(lambda p, l: p if l == "frozen" else None, params, labels)
+  return trainable, frozen
+
+
+def merge_params(a, b):
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_accum: int = 1,
+                    margin_lambda: float = 0.25, margin_weight: float = 1.0,
+                    with_grad_norm: bool = False) -> Callable:
+  """-> train_step(state, batch) -> (state, metrics); batch holds 'image' and 'mos'."""
+
+  def loss_fn(trainable, frozen, images, mos, weight, rng):
+    params = merge_params(trainable, frozen)
+    pred, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    loss, parts = iqa_loss(pred, mos, margin_lambda, margin_weight, weight)
+    return loss, parts
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    trainable, frozen = split_params(state.params, labels)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    images, mos = batch["image"], batch["mos"]
+    weight = batch.get("valid", jnp.ones(mos.shape, bool)).astype(jnp.float32)
+    k = grad_accum
+    micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    def one(carry, xs):
+      g_sum, l_sum, parts_sum = carry
+      i, im, y, w = xs
+      (loss, parts), g = grad_fn(trainable, frozen, im, y, w, jax.random.fold_in(step_rng, i))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(g_sum, g), l_sum + loss, add(parts_sum, parts)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    init = (zeros, jnp.zeros(()), {"mse": jnp.zeros(()), "margin": jnp.zeros(())})
+    if k == 1:
+      (grads, loss, parts), _ = one(init, (0, images, mos, weight))
+    else:
+      (grads, loss, parts), _ = jax.lax.scan(
+          one, init, (jnp.arange(k), micro(images), micro(mos), micro(weight)))
+    grads = jax.tree.map(lambda g: g / k, grads)
+    # Frozen leaves get zero grads that optax.set_to_zero discards; XLA drops them entirely.
+    full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss / k, "mse": parts["mse"] / k, "margin": parts["margin"] / k}
+    if with_grad_norm:
+      metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable:
+  def eval_step(params, images):
+    pred, _ = model.apply({"params": params}, images, train=False)
+    return pred.astype(jnp.float32)
+  return eval_step

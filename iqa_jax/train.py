@@ -1,0 +1,262 @@
+"""Train a quality model: python -m iqa_jax.train --config configs/siglip2_gated.py --workdir DIR
+
+Per epoch: train with a progress bar (img/s, ETA), evaluate SRCC/PLCC on the validation split,
+save `ckpt/last` and, when validation SRCC improves, `ckpt/best`. Rerunning on the same workdir
+resumes after the last finished epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from iqa_jax import checkpoint, metrics
+from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.models.model import create_model
+from iqa_jax.optim import make_optimizer
+from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+
+SMALL_SETS = ("clive", "agiqa1k", "agiqa3k", "demo")  # §3.1: constant lr on the small sets
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def resolve_schedule(config: ml_collections.ConfigDict) -> str:
+  if config.optim.schedule != "auto":
+    return config.optim.schedule
+  return "constant" if config.data.name in SMALL_SETS else "multistep"
+
+
+def preprocess_string(config, preprocessing: dict) -> str:
+  return config.data.pp or pp.native_pp(preprocessing, size=config.data.image_size or None)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="img", unit_scale=False, dynamic_ncols=True,
+              disable=not enabled, leave=False, file=sys.stderr)
+
+
+def predict(eval_fn, params, loader, progress: bool = False, desc: str = "eval") -> np.ndarray:
+  """Scores for every real (unpadded) example of an eval loader, in record order."""
+  out = []
+  bar = _progress(len(loader) * loader.batch_size, desc, progress)
+  for batch in loader:
+    scores = eval_fn(params, batch["image"])
+    out.append((scores, batch["valid"]))
+    bar.update(int(batch["image"].shape[0]))
+  bar.close()
+  return np.concatenate([np.asarray(s)[np.asarray(v)] for s, v in out]) if out else np.zeros(0)
+
+
+def gate_weights(params) -> dict[str, list[float]]:
+  """w = sigmoid(g) per channel of each gated activation (Fig. 2 / S7)."""
+  head = params["head"]
+  return {name: np.asarray(jax.nn.sigmoid(head[name]["g"])).round(5).tolist()
+          for name in ("act1", "act2") if name in head and "g" in head[name]}
+
+
+def load_data(config, workdir: Path):
+  records = datasets.load_records(config.data)
+  records, skipped = pipeline.check_records(records, on_error=config.data.on_error)
+  if skipped:
+    _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
+         f"(listed in {workdir / 'skipped.csv'})")
+    with open(workdir / "skipped.csv", "w") as f:
+      f.write("path,reason\n")
+      for path, reason in skipped:
+        f.write(f"\"{path}\",\"{reason}\"\n")
+  splits = datasets.make_splits(records, config.seed, split=config.data.split,
+                                val_fraction=config.data.val_fraction,
+                                test_fraction=config.data.test_fraction)
+  datasets.save_splits(splits, workdir)
+  return splits, len(skipped)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) one training run; returns and writes `results.json`."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  splits, n_skipped = load_data(config, workdir)
+  train_recs, val_recs = splits["train"], splits["val"]
+  optim = config.optim
+  if optim.batch_size % optim.grad_accum:
+    raise ValueError(f"config.optim.batch_size={optim.batch_size} must be a multiple of "
+                     f"config.optim.grad_accum={optim.grad_accum}")
+  if len(train_recs) < optim.batch_size:
+    raise ValueError(f"Only {len(train_recs)} training images for batch size {optim.batch_size}; "
+                     f"lower --config.optim.batch_size")
+
+  model, params, preprocessing = create_model(config)
+  pp_str = preprocess_string(config, preprocessing)
+  _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
+       f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
+  _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
+       + (f" / {len(splits['test'])} test" if "test" in splits else ""))
+
+  loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
+                   shard_count=jax.process_count())
+  steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, optim.batch_size,
+                                                   seed=config.seed, epoch=0, **loader_kw))
+  schedule = resolve_schedule(config)
+  tx, labels = make_optimizer(_with_schedule(config, schedule), params, steps_per_epoch)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(config.seed + 1))
+  counts = {}
+  for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+    counts[l] = counts.get(l, 0) + int(np.prod(p.shape))
+  _log("params: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+
+  ckpt = checkpoint.RunCheckpoints(workdir, save_frozen=not config.model.init)
+  start_epoch, best = 0, {"srcc": -math.inf}
+  history: list[dict] = []
+  restored = ckpt.restore_last(state, labels)
+  if restored is not None:
+    state, meta = restored
+    start_epoch, best = meta["epoch"] + 1, meta["best"]
+    history = [h for h in checkpoint.read_history(workdir) if h["epoch"] <= meta["epoch"]]
+    checkpoint.write_history(workdir, history)
+    _log(f"resume: from epoch {start_epoch} (step {int(state.step)}), best SRCC "
+         f"{best['srcc']:.4f}")
+
+  train_step = jax.jit(make_train_step(model, tx, labels, grad_accum=optim.grad_accum,
+                                       margin_lambda=config.loss.margin_lambda,
+                                       margin_weight=config.loss.margin_weight,
+                                       with_grad_norm=config.log_grad_norm), donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(model))
+  val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
+                                         workers=config.data.workers)
+  val_mos = np.array([r.mos for r in val_recs])
+
+  for epoch in range(start_epoch, optim.epochs):
+    t0 = time.time()
+    loader = pipeline.make_train_loader(train_recs, pp_str, optim.batch_size, seed=config.seed,
+                                        epoch=epoch, **loader_kw)
+    bar = _progress(len(loader) * optim.batch_size, f"epoch {epoch + 1}/{optim.epochs}",
+                    config.progress)
+    step_metrics = []
+    for batch in loader:
+      state, m = train_step(state, {"image": batch["image"], "mos": batch["mos"]})
+      step_metrics.append(m)  # stays on device: no host sync inside the loop
+      bar.update(optim.batch_size)
+      if len(step_metrics) % 20 == 0:  # logging is the one place that syncs
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+    bar.close()
+    losses = np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64)
+    if not np.all(np.isfinite(losses)):
+      first = int(np.argmax(~np.isfinite(losses)))
+      step = epoch * steps_per_epoch + first + 1
+      raise NonFiniteLossError(
+          f"Loss became {losses[first]} at step {step} (epoch {epoch + 1}); stopping. The last "
+          f"good checkpoint is kept in {workdir / 'ckpt'}. Try a lower --config.optim.lr or the "
+          f"gated head (App. B: the sigmoid head can collapse on large sets).")
+    train_time = time.time() - t0
+    scores = predict(eval_fn, state.params, val_loader)
+    val = metrics.compute_metrics(scores, val_mos)
+    entry = {"epoch": epoch, "step": int(state.step), "train_loss": float(losses.mean()),
+             "lr_scale": _lr_scale(schedule, config, epoch),
+             "train_img_per_s": len(losses) * optim.batch_size / max(train_time, 1e-9),
+             "val": val, "time_s": time.time() - t0}
+    if config.log_grad_norm:
+      entry["grad_norm"] = float(np.mean(jax.device_get([m["grad_norm"] for m in step_metrics])))
+    gates = gate_weights(state.params)
+    if gates:
+      entry["gate_w"] = gates
+    improved = val["srcc"] > best["srcc"]
+    if improved:
+      best = {"epoch": epoch, **val}
+    history.append(entry)
+    checkpoint.write_history(workdir, history)
+    ckpt.save(state, labels, "last", {"epoch": epoch, "best": best})
+    if improved:
+      ckpt.save(state, labels, "best", {"epoch": epoch, "best": best})
+    _log(f"epoch {epoch + 1:3d}/{optim.epochs}  loss {entry['train_loss']:.4f}  "
+         f"val SRCC {val['srcc']:.4f}  PLCC {val['plcc']:.4f}  "
+         f"{entry['train_img_per_s']:.1f} img/s  {entry['time_s']:.1f}s" + ("  *" if improved else ""))
+
+  final = history[-1]["val"] if history else {}
+  results = {
+      "name": config.name, "dataset": config.data.name, "backbone": config.model.backbone,
+      "head": config.model.head, "finetune": config.model.finetune, "seed": config.seed,
+      "epochs": optim.epochs, "n_train": len(train_recs), "n_val": len(val_recs),
+      "n_skipped": n_skipped, "best": best, "final": {"epoch": optim.epochs - 1, **final},
+      "test": None, "status": "done",
+  }
+  if "test" in splits and splits["test"]:
+    best_state = ckpt.restore_best(state, labels) or state
+    test_loader = pipeline.make_eval_loader(splits["test"], pp_str, config.eval_batch_size,
+                                            workers=config.data.workers)
+    test_scores = predict(eval_fn, best_state.params, test_loader)
+    results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  ckpt.close()
+  return results
+
+
+def _with_schedule(config, schedule: str):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.optim.schedule = schedule
+  return c
+
+
+def _lr_scale(schedule: str, config, epoch: int) -> float:
+  if schedule == "constant":
+    return 1.0
+  return float(config.optim.gamma ** sum(epoch >= m for m in config.optim.milestones))
+
+
+def print_results_table(results: dict) -> None:
+  b, f = results["best"], results["final"]
+  rows = [("best", b.get("epoch", -1) + 1, b.get("srcc"), b.get("plcc")),
+          ("final", f.get("epoch", -1) + 1, f.get("srcc"), f.get("plcc"))]
+  if results.get("test"):
+    rows.append(("test", b.get("epoch", -1) + 1, results["test"]["srcc"], results["test"]["plcc"]))
+  print(f"\n| {results['dataset']} ({results['head']} head, seed {results['seed']}) | epoch | SRCC | PLCC |")
+  print("|---|---|---|---|")
+  for name, ep, s, p in rows:
+    print(f"| {name} | {ep} | {s:.4f} | {p:.4f} |")
+  print(flush=True)
+
+
+def main(argv=None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "Run folder (default: checkpoints/<config name>).")
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py.",
+                                  lock_config=True)
+
+  def _main(_):
+    config = flags.FLAGS.config
+    if config is None:
+      raise app.UsageError("Pass --config configs/siglip2_gated.py (or another file in configs/).")
+    workdir = flags.FLAGS.workdir or os.path.join("checkpoints", config.name)
+    try:
+      results = train_and_evaluate(config, workdir)
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print_results_table(results)
+    print(f"run folder: {workdir}")
+
+  app.run(_main, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()
