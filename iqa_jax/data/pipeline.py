@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 from absl import logging
 from PIL import Image
 
@@ -140,6 +141,8 @@ class Loader:
     read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
     ds = self.dataset.to_iter_dataset(read)
     if self.workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts/tests may not parse
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
     return iter(ds)
 
