@@ -13,7 +13,7 @@ def get_config(arg=None):
   c.name = "demo"
   c.seed = int(args.get("seed", 8))
   c.model.init = None
-  c.model.variant = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+  c.model.arch = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, patch_size=16, image_size=128)
   c.model.head = args.get("head", "gated")
   c.model.finetune = args.get("finetune", "lora")

@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "siglip"
   c.model.init = "google/siglip2-so400m-patch16-512"  # local folder or cached hub id; None: random
-  c.model.variant = "so400m/16@512"  # architecture when init is None
+  c.model.variant = "so400m/16@512"  # architecture when init is None ...
+  c.model.arch = ml_collections.ConfigDict()  # ... with these fields overridden (tiny towers)
   c.model.head = "gated"  # baseline | sigmoid | gated | "act1,act2"
   c.model.head_hidden = 512
   c.model.finetune = "lora"  # frozen | lora | full

@@ -25,5 +25,6 @@ def tiny_siglip_dir(tmp_path_factory):
       p.add_(0.05 * torch.randn_like(p))
   folder = tmp_path_factory.mktemp("tiny_siglip")
   model.save_pretrained(folder)
-  transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+  # resample=2 (bilinear) as in the released google/siglip2-so400m-patch16-512 preprocessor_config.json
+  transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, resample=2).save_pretrained(folder)
   return folder

@@ -11,3 +11,10 @@ class Record:
   mos: float                # MOS normalised to [0, 1], higher is better (App. B)
   raw_mos: float            # MOS on the dataset's own scale
   extras: dict[str, Any] = dataclasses.field(default_factory=dict)  # std, ref_img, prompt, ...
+
+
+# normalised = (raw - offset) / scale (App. B), so raw = normalised * scale + offset.
+MOS_SCALES: dict[str, tuple[float, float]] = {
+    "clive": (100.0, 0.0), "koniq10k": (5.0, 0.0), "kadid10k": (4.0, 1.0), "flive": (100.0, 0.0),
+    "spaq": (100.0, 0.0), "agiqa3k": (5.0, 0.0), "agiqa1k": (5.0, 0.0), "demo": (4.0, 1.0),
+}

@@ -238,7 +238,7 @@ def load_hf_siglip(path_or_id: str, **module_kwargs):
 
 
 def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None` builds a random tower from `variant`."""
+  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
   from iqa_jax.models.model import DTYPES, Backbone
   lora = model_config.get("lora", {})
   finetune = model_config.get("finetune", "lora")
@@ -255,12 +255,9 @@ def build(model_config):
     module, params, pp = load_hf_siglip(model_config.init, **kwargs)
     return Backbone(module, params, pp)
   variant = model_config.get("variant", "so400m/16@512")
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-    cfg = VARIANTS[variant]
-  else:
-    cfg = SiglipConfig(**dict(variant))
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
+  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
   pp = {"size": cfg.image_size, "crop": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
         "resample": "bilinear"}
   return Backbone(SiglipVision(cfg, **kwargs), None, pp)
