@@ -27,6 +27,8 @@ class Backbone:
 # family -> "module:function". Each family file owns its checkpoint quirks (STYLE.md).
 BACKBONES: dict[str, str] = {
     "siglip": "iqa_jax.models.siglip:build",
+    "clip": "iqa_jax.models.clip:build",
+    "dinov2": "iqa_jax.models.dinov2:build",
 }
 
 

@@ -1,0 +1,80 @@
+"""CLIP tower against transformers.CLIPVisionModelWithProjection (float32, tiny random config)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from iqa_jax.models import clip, hf_io
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            patch_size=8, image_size=32, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+  torch.manual_seed(0)
+  model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TINY)).eval()
+  with torch.no_grad():  # perturb so every weight (biases, LN affine) is exercised
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  folder = tmp_path_factory.mktemp("tiny_clip")
+  model.save_pretrained(folder)
+  transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                     crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+  return model, folder
+
+
+def _reference(model, images_nhwc):
+  with torch.no_grad():
+    out = model(pixel_values=torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2)),
+                interpolate_pos_encoding=True)
+  return out.image_embeds.numpy()
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_image_embeds_match_hf_at_non_native_size(tiny_clip, scan):
+  model, folder = tiny_clip
+  module, params, pp = clip.load_hf_clip(str(folder), scan=scan, lora_rank=4)
+  # LoRA leaves come from init (B = 0, so the function is unchanged); overlay the checkpoint.
+  images = np.random.RandomState(0).randn(2, 48, 40, 3).astype(np.float32)  # grid 6x5 vs 4x4
+  init = module.init(jax.random.PRNGKey(0), jnp.asarray(images))["params"]
+  params = hf_io.merge_loaded(jax.device_get(init), params)
+  feature, out = module.apply({"params": params}, jnp.asarray(images))
+  err = np.abs(np.asarray(feature) - _reference(model, images)).max()
+  print(f"CLIP image_embeds max abs error vs HF: {err:.2e}")
+  assert feature.shape == (2, 16)
+  assert err <= 1e-4
+  assert pp["crop"] == 32 and pp["resample"] == "bicubic"
+  assert pp["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_native_size_and_intermediates(tiny_clip):
+  model, folder = tiny_clip
+  module, params, _ = clip.load_hf_clip(str(folder))
+  images = np.random.RandomState(1).randn(1, 32, 32, 3).astype(np.float32)
+  feature, out = module.apply({"params": params}, jnp.asarray(images))
+  with torch.no_grad():
+    ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
+  assert np.abs(np.asarray(feature) - ref.image_embeds.numpy()).max() <= 1e-4
+  assert np.abs(np.asarray(out["encoded"]) - ref.last_hidden_state.numpy()).max() <= 1e-4
+  assert out["layers"].shape == (2, 1, 17, 32)
+
+
+def test_build_lora_on_q_and_k_only():
+  cfg = ml_collections.ConfigDict(dict(
+      backbone="clip", init=None, finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.05),
+      variant=dict(TINY), dtype="float32", remat="nothing", scan=True, attention="xla"))
+  bb = clip.build(cfg)
+  assert bb.params is None and bb.preprocessing["resample"] == "bicubic"
+  params = bb.module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                          jnp.zeros((1, 32, 32, 3)), train=True)["params"]
+  paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  lora = sorted(p for p in paths if "lora_" in p)
+  assert lora == ["encoder_layers/self_attn/k_proj/lora_a", "encoder_layers/self_attn/k_proj/lora_b",
+                  "encoder_layers/self_attn/q_proj/lora_a", "encoder_layers/self_attn/q_proj/lora_b"]
+  cfg.finetune = "frozen"
+  assert clip.build(cfg).module.lora_rank == 0
