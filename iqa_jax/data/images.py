@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-# Modes holding 16 or 32 bits per pixel; PIL's own convert("L") clips them at 255 instead of scaling.
+# 16/32-bit modes; PIL's own convert("L") clips them at 255 instead of scaling.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -13,7 +13,7 @@ class ImageError(ValueError):
 
 
 def _fail(path: str, why: str) -> ImageError:
-  return ImageError(f"{path}: {why}. Fix or remove the file (or drop its row from the annotations), "
+  return ImageError(f"{path}: {why}. Fix or remove the file (or drop its annotation row), "
                     "or set data.on_error=skip to skip it and log it.")
 
 

@@ -44,7 +44,7 @@ def _check_file(path: str) -> str | None:
   try:
     with Image.open(path) as img:
       if img.format == "JPEG":
-        img.draft(img.mode, (img.width // 8, img.height // 8))
+        img.draft(img.mode, (max(img.width // 8, 1), max(img.height // 8, 1)))
       img.load()
   except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable
     return f"cannot decode image ({type(e).__name__}: {e})"
@@ -69,16 +69,18 @@ def check_records(records: Sequence[Record], on_error: str = "raise",
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
     file_reasons = list(pool.map(_check_file, [r.path for r in records]))
-  kept, skipped, seen = [], [], set()
-  for row, (r, file_reason) in enumerate(zip(records, file_reasons)):
-    reason = _check_mos(r) or ("duplicate path" if r.path in seen else None) or file_reason
-    seen.add(r.path)
+  kept, skipped, seen = [], [], {}
+  for i, (r, file_reason) in enumerate(zip(records, file_reasons)):
+    where = r.extras.get("row", f"record {i}")  # adapters put 'table.csv:LINE' there
+    duplicate = f"duplicate path (also at {seen[r.path]})" if r.path in seen else None
+    reason = _check_mos(r) or duplicate or file_reason
+    seen.setdefault(r.path, where)
     if reason is None:
       kept.append(r)
       continue
     if on_error == "raise":
       error = images.ImageError if reason is file_reason else ValueError
-      raise error(f"{r.path} (record {row}): {reason}. Fix the file or its annotation row, "
+      raise error(f"{r.path} ({where}): {reason}. Fix the file or its annotation row, "
                   "or set data.on_error=skip to skip it and log it.")
     skipped.append((r.path, reason))
   if skipped:
@@ -141,7 +143,7 @@ class Loader:
     read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
     ds = self.dataset.to_iter_dataset(read)
     if self.workers > 0:
-      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts/tests may not parse
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; tests don't parse them
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
     return iter(ds)

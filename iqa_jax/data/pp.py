@@ -46,7 +46,7 @@ def _pil_resize(image: np.ndarray, hw: tuple[int, int], resample: str) -> np.nda
 
 @register("decode")
 def get_decode(draft: int | None = None, key: str = "image") -> Op:
-  """example['path'] -> example[key] uint8 (H, W, 3); keeps an image already there (prepare cache)."""
+  """example['path'] -> example[key] uint8 (H, W, 3); keeps an image already there (the cache)."""
   def _decode(example):
     if key not in example:
       example[key] = images.load_image(example["path"], draft_size=draft)
@@ -56,7 +56,7 @@ def get_decode(draft: int | None = None, key: str = "image") -> Op:
 
 @register("resize")
 def get_resize(size, resample: str = "bilinear", key: str = "image") -> Op:
-  """Resize to size (int: square, or (h, w)), ignoring the aspect ratio, as SigLIP's processor does."""
+  """Resize to size (int: square, or (h, w)), ignoring aspect ratio, as SigLIP's processor does."""
   hw = _hw(size)
   def _resize(example):
     example[key] = _pil_resize(example[key], hw, resample)
@@ -66,7 +66,7 @@ def get_resize(size, resample: str = "bilinear", key: str = "image") -> Op:
 
 @register("resize_small")
 def get_resize_small(size: int, resample: str = "bilinear", key: str = "image") -> Op:
-  """Resize so that the shorter side is `size`; the long side is floored, as in HF's CLIP processor."""
+  """Resize the shorter side to `size`; the long side is floored, as in HF's CLIP processor."""
   def _resize_small(example):
     h, w = example[key].shape[:2]
     hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)

@@ -1,0 +1,25 @@
+"""KonIQ-10k: koniq10k_scores_and_distributions.csv (image_name, c1-c5, c_total, MOS, SD,
+MOS_zscore); images in 1024x768/ or 512x384/. MOS on 1-5 -> MOS / 5 (App. B).
+"""
+from __future__ import annotations
+
+from iqa_jax.data import datasets
+from iqa_jax.data.records import Record
+
+TABLE = "koniq10k_scores_and_distributions.csv"
+RESOLUTIONS = ("1024x768", "512x384")
+
+
+def load(data_dir: str, resolution: str = "1024x768", image_dir: str = "", **_) -> list[Record]:
+  """Records of KonIQ-10k; `resolution` picks the image folder the release ships."""
+  if resolution not in RESOLUTIONS:
+    raise ValueError(f"koniq10k: resolution must be one of {RESOLUTIONS}, got {resolution!r}.")
+  table = datasets.annotation_file(data_dir, TABLE, "koniq10k")
+  folder = datasets.image_folder(data_dir, (resolution,), image_dir)
+  records = []
+  for row, v in datasets.read_csv(table, ("image_name", "MOS"), "koniq10k"):
+    extras = {k: datasets.number(v[c]) for k, c in (("std", "SD"), ("mos_zscore", "MOS_zscore"))
+              if c in v}
+    records.append(datasets.make_record("koniq10k", folder / v["image_name"], v["MOS"], row,
+                                        **extras))
+  return records

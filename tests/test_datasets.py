@@ -1,0 +1,306 @@
+"""The seven adapters on generated fixtures in each official layout, bad tables, and splits."""
+import csv
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from iqa_jax.data import datasets, pipeline
+from iqa_jax.data.records import Record
+
+
+def _image(path, seed=0):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  x = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+  Image.fromarray(x).save(path)
+
+
+def _csv(path, header, rows, quote=csv.QUOTE_MINIMAL):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, quoting=quote)
+    w.writerow(header)
+    w.writerows(rows)
+
+
+def _xlsx(path, header, rows):
+  openpyxl = pytest.importorskip("openpyxl")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  wb = openpyxl.Workbook()
+  ws = wb.active
+  ws.append(header)
+  for r in rows:
+    ws.append(r)
+  wb.save(path)
+
+
+def make_clive(root):
+  names = [f"t{i}.bmp" for i in range(1, 8)] + ["3.bmp", "5.bmp", "1001.JPG"]
+  cell = np.empty((len(names), 1), dtype=object)
+  for i, n in enumerate(names):
+    cell[i, 0] = np.array([n])
+  (root / "Data").mkdir(parents=True)
+  scipy.io.savemat(root / "Data/AllImages_release.mat", {"AllImages_release": cell})
+  mos = np.array([[50.0] * 7 + [63.9, 25.5, 80.0]])
+  scipy.io.savemat(root / "Data/AllMOS_release.mat", {"AllMOS_release": mos})
+  scipy.io.savemat(root / "Data/AllStdDev_release.mat", {"AllStdDev_release": mos / 4})
+  for n in names[:7]:
+    _image(root / "Images/trainingImages" / n)
+  for i, n in enumerate(names[7:]):
+    _image(root / "Images" / n, i)
+
+
+KONIQ_HEADER = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore"]
+
+
+def make_koniq(root, rows=None):
+  rows = rows or [["10004473376.jpg", 0, 0, 25, 73, 7, 105, 3.828571, 0.527278, 77.383621],
+                  ["10007357496.jpg", 0, 3, 45, 47, 1, 96, 3.479167, 0.580003, 68.728235],
+                  ["10012359024.jpg", 1, 8, 56, 29, 0, 94, 3.202128, 0.646894, 61.868532]]
+  _csv(root / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER, rows, csv.QUOTE_NONNUMERIC)
+  for folder in ("1024x768", "512x384"):
+    for i, r in enumerate(rows):
+      _image(root / folder / r[0], i)
+
+
+def make_kadid(root):
+  rows = [[f"I{r:02d}_{d:02d}_{l:02d}.png", f"I{r:02d}.png", round(1 + (5 - l) * 0.9, 2), 0.5]
+          for r in (1, 2, 3) for d in (1, 2) for l in (1, 5)]
+  _csv(root / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"], rows)
+  for i, r in enumerate(rows):
+    _image(root / "images" / r[0], i)
+  return rows
+
+
+def make_flive(root):
+  rows = [["AVA__149.jpg", 72.5, 640, 480],
+          ["voc_emotic_ava/VOC2012__2008_000007.jpg", 55, 500, 375],
+          ["blur_dataset/motion0012.jpg", 18.25, 640, 427]]
+  _csv(root / "labels_image.csv", ["name", "mos", "width", "height"], rows)
+  for i, r in enumerate(rows):
+    _image(root / "database" / r[0], i)
+
+
+SPAQ_HEADER = ["Image name", "MOS", "Brightness", "Colorfulness", "Contrast", "Noisiness",
+               "Sharpness"]
+
+
+def make_spaq(root):
+  rows = [["00001.jpg", 42.65, 43.0, 39.1, 43.5, 40.0, 42.2],
+          ["00002.jpg", 46.5, 52.0, 48.0, 50.2, 44.0, 49.1]]
+  _xlsx(root / "Annotations/MOS and Image attribute scores.xlsx", SPAQ_HEADER, rows)
+  for i, r in enumerate(rows):
+    _image(root / "TestImage" / r[0], i)
+
+
+AGIQA3K_HEADER = ["name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality",
+                  "mos_align", "std_align"]
+
+
+def make_agiqa3k(root):
+  rows = [["AttnGAN_normal_000.jpg", "statue of a cat", "", "", "", 0.8, 0.4, 2.5, 0.6],
+          ["AttnGAN_normal_001.jpg", "statue of a cat", "", "", "", 1.2, 0.5, 3.0, 0.5],
+          ["midjourney_lowstep_002.jpg", "a girl, baroque", "pretty", "", "baroque", 4.1, 0.3,
+           4.6, 0.2]]
+  _csv(root / "data.csv", AGIQA3K_HEADER, rows)
+  for i, r in enumerate(rows):
+    _image(root / "file" / r[0], i)
+
+
+def make_agiqa1k(root):
+  rows = [["0001.jpg", "a cat, cartoon style", 3.1], ["0002.jpg", "a dog", 2.25]]
+  _xlsx(root / "AIGC_MOS_Zscore.xlsx", ["Image", "Prompt", "MOS"], rows)
+  for i, r in enumerate(rows):
+    _image(root / "file" / r[0], i)
+
+
+def _load(name, root, **options):
+  config = ml_collections.ConfigDict({"name": name, "dir": str(root), "options": options})
+  records = datasets.load_records(config)
+  kept, skipped = pipeline.check_records(records)
+  assert kept == records and not skipped
+  return records
+
+
+def test_clive(tmp_path):
+  make_clive(tmp_path)
+  recs = _load("clive", tmp_path)
+  assert len(recs) == 3  # 10 entries, the 7 practice images dropped
+  assert [r.path for r in recs] == [str(tmp_path / "Images" / n) for n in
+                                    ("3.bmp", "5.bmp", "1001.JPG")]
+  np.testing.assert_allclose([r.mos for r in recs], [0.639, 0.255, 0.8])
+  assert recs[0].raw_mos == 63.9 and recs[0].extras["std"] == pytest.approx(63.9 / 4)
+  assert recs[0].extras["row"] == "AllImages_release.mat:8"
+
+
+def test_koniq10k(tmp_path):
+  make_koniq(tmp_path)
+  recs = _load("koniq10k", tmp_path)
+  assert recs[0].path == str(tmp_path / "1024x768/10004473376.jpg")
+  np.testing.assert_allclose([r.mos for r in recs], [3.828571 / 5, 3.479167 / 5, 3.202128 / 5])
+  assert recs[1].extras["std"] == 0.580003 and recs[1].extras["mos_zscore"] == 68.728235
+  assert recs[0].extras["row"] == "koniq10k_scores_and_distributions.csv:2"
+  small = _load("koniq10k", tmp_path, resolution="512x384")
+  assert small[0].path == str(tmp_path / "512x384/10004473376.jpg")
+
+
+def test_kadid10k(tmp_path):
+  rows = make_kadid(tmp_path)
+  recs = _load("kadid10k", tmp_path)
+  assert len(recs) == 12
+  assert recs[0].path == str(tmp_path / "images/I01_01_01.png")
+  assert recs[0].raw_mos == 4.6 and recs[0].mos == pytest.approx(0.9)  # (4.6 - 1) / 4
+  assert recs[1].raw_mos == 1.0 and recs[1].mos == 0.0
+  assert recs[0].extras | {"row": None} == {"ref_img": "I01.png", "var": 0.5, "distortion": 1,
+                                            "level": 1, "row": None}
+  assert [r.extras["ref_img"] for r in recs] == [r[1] for r in rows]
+
+
+def test_flive(tmp_path):
+  make_flive(tmp_path)
+  recs = _load("flive", tmp_path)
+  assert recs[1].path == str(tmp_path / "database/voc_emotic_ava/VOC2012__2008_000007.jpg")
+  np.testing.assert_allclose([r.mos for r in recs], [0.725, 0.55, 0.1825])
+
+
+def test_spaq(tmp_path):
+  make_spaq(tmp_path)
+  recs = _load("spaq", tmp_path)
+  assert recs[0].path == str(tmp_path / "TestImage/00001.jpg")
+  assert recs[0].mos == pytest.approx(0.4265) and recs[0].raw_mos == 42.65
+  assert recs[1].extras["sharpness"] == 49.1
+  assert recs[1].extras["row"] == "MOS and Image attribute scores.xlsx:3"
+
+
+def test_agiqa3k(tmp_path):
+  make_agiqa3k(tmp_path)
+  recs = _load("agiqa3k", tmp_path)
+  assert recs[2].path == str(tmp_path / "file/midjourney_lowstep_002.jpg")
+  np.testing.assert_allclose([r.mos for r in recs], [0.16, 0.24, 0.82])
+  assert recs[2].extras["prompt"] == "a girl, baroque" and recs[2].extras["std"] == 0.3
+  assert recs[2].extras["style"] == "baroque" and recs[2].extras["mos_align"] == 4.6
+  align = _load("agiqa3k", tmp_path, target="align")
+  np.testing.assert_allclose([r.mos for r in align], [0.5, 0.6, 0.92])
+  assert align[2].extras["std"] == 0.2
+
+
+def test_agiqa1k(tmp_path):
+  make_agiqa1k(tmp_path)
+  recs = _load("agiqa1k", tmp_path)
+  assert recs[1].path == str(tmp_path / "file/0002.jpg")
+  np.testing.assert_allclose([r.mos for r in recs], [0.62, 0.45])
+  assert recs[0].extras["prompt"] == "a cat, cartoon style"
+
+
+def test_generic_csv(tmp_path):
+  _image(tmp_path / "imgs/a.png")
+  _image(tmp_path / "imgs/b.png", 1)
+  _csv(tmp_path / "labels.csv", ["path", "mos", "raw_mos", "ref_img"],
+       [["imgs/a.png", 0.25, 2.0, "x"], [str(tmp_path / "imgs/b.png"), 0.5, "", "y"]])
+  recs = _load("csv", tmp_path)
+  assert recs[0] == Record(str(tmp_path / "imgs/a.png"), 0.25, 2.0,
+                           {"row": "labels.csv:2", "ref_img": "x"})
+  assert recs[1].raw_mos == 0.5 and recs[1].path == str(tmp_path / "imgs/b.png")
+  assert _load("csv", tmp_path / "labels.csv") == recs
+
+
+def test_registry():
+  from iqa_jax.data import demo
+  assert datasets.get_adapter("demo") is demo.load
+  with pytest.raises(ValueError, match="Unknown dataset 'koniq'.*koniq10k"):
+    datasets.get_adapter("koniq")
+  with pytest.raises(ValueError, match="data.dir"):
+    datasets.load_records(ml_collections.ConfigDict({"name": "clive", "dir": "", "options": {}}))
+
+
+# ---- Bad tables and rows -------------------------------------------------------------------------
+
+def test_missing_annotation_file(tmp_path):
+  with pytest.raises(ValueError, match="kadid10k: annotation file .*dmos.csv not found"):
+    datasets.get_adapter("kadid10k")(str(tmp_path))
+  with pytest.raises(ValueError, match="AIGC_MOS_Zscore.xlsx not found"):
+    datasets.get_adapter("agiqa1k")(str(tmp_path))
+
+
+def test_wrong_columns(tmp_path):
+  _csv(tmp_path / "koniq10k_scores_and_distributions.csv", ["image_name", "mos"], [["a.jpg", 3]])
+  with pytest.raises(ValueError, match="koniq10k_scores_and_distributions.csv lacks column.*'MOS'"):
+    datasets.get_adapter("koniq10k")(str(tmp_path))
+  _xlsx(tmp_path / "Annotations/MOS and Image attribute scores.xlsx", ["Image", "MOS"], [["a", 1]])
+  with pytest.raises(ValueError, match="lacks column.*'Image name'"):
+    datasets.get_adapter("spaq")(str(tmp_path))
+  scipy.io.savemat(tmp_path / "mat.mat", {"other": np.zeros(3)})
+  (tmp_path / "Data").mkdir()
+  for f in ("AllImages_release", "AllMOS_release"):
+    scipy.io.savemat(tmp_path / f"Data/{f}.mat", {"other": np.zeros(3)})
+  with pytest.raises(ValueError, match="AllImages_release.mat lacks variable 'AllImages_release'"):
+    datasets.get_adapter("clive")(str(tmp_path))
+
+
+def test_bad_rows_name_file_and_row(tmp_path):
+  rows = [["1.jpg", 0, 0, 0, 0, 0, 0, 3.0, 0.5, 0], ["2.jpg", 0, 0, 0, 0, 0, 0, "", 0.5, 0],
+          ["3.jpg", 0, 0, 0, 0, 0, 0, 7.5, 0.5, 0], ["1.jpg", 0, 0, 0, 0, 0, 0, 3.0, 0.5, 0],
+          ["4.jpg", 0, 0, 0, 0, 0, 0, 2.0, 0.5, 0], ["5.jpg", 0, 0, 0, 0, 0, 0, 4.0, 0.5, 0]]
+  make_koniq(tmp_path, rows)
+  (tmp_path / "1024x768/4.jpg").unlink()
+  (tmp_path / "1024x768/5.jpg").write_bytes(b"\xff\xd8\xff\xe0 corrupt")
+  recs = datasets.get_adapter("koniq10k")(str(tmp_path))
+  assert math.isnan(recs[1].mos)
+  table = "koniq10k_scores_and_distributions.csv"
+  expected = [(ValueError, rf"2.jpg \({table}:3\): MOS is not a number"),
+              (ValueError, rf"3.jpg \({table}:4\): normalised MOS 1.5 \(raw 7.5\) is outside"),
+              (ValueError, rf"1.jpg \({table}:5\): duplicate path \(also at {table}:2\)"),
+              (Exception, rf"4.jpg \({table}:6\): file not found"),
+              (Exception, rf"5.jpg \({table}:7\): cannot decode")]
+  for i, (error, pattern) in enumerate(expected, start=1):
+    with pytest.raises(error, match=pattern):
+      pipeline.check_records([recs[0], recs[i]])
+  kept, skipped = pipeline.check_records(recs, on_error="skip")
+  assert kept == [recs[0]] and len(skipped) == 5
+  assert [s[0].rsplit("/", 1)[1] for s in skipped] == ["2.jpg", "3.jpg", "1.jpg", "4.jpg", "5.jpg"]
+
+
+# ---- Splits --------------------------------------------------------------------------------------
+
+def _records(n, groups=None):
+  return [Record(f"/x/{i}.png", i / n, float(i), {"ref_img": f"r{i % groups}"} if groups else {})
+          for i in range(n)]
+
+
+def test_random_split_is_80_20_and_deterministic():
+  recs = _records(100)
+  s8 = datasets.make_splits(recs, 8)
+  assert set(s8) == {"train", "val"} and len(s8["train"]) == 80 and len(s8["val"]) == 20
+  assert sorted(r.path for r in s8["train"] + s8["val"]) == sorted(r.path for r in recs)
+  assert s8 == datasets.make_splits(recs, 8)
+  assert s8["val"] != datasets.make_splits(recs, 19)["val"]
+  # Pinned: numpy's PCG64 gives the same permutation on every machine.
+  assert [int(r.raw_mos) for r in s8["val"][:5]] == [1, 4, 12, 15, 16]
+  three = datasets.make_splits(recs, 25, val_fraction=0.1, test_fraction=0.2)
+  assert [len(three[k]) for k in ("train", "val", "test")] == [70, 10, 20]
+  assert datasets.make_splits(recs, 8, val_fraction=0.0)["val"] == []
+
+
+def test_content_split_keeps_groups_together():
+  recs = _records(60, groups=12)  # 12 reference images, 5 distortions each
+  s = datasets.make_splits(recs, 19, split="content", val_fraction=0.2, test_fraction=0.2)
+  refs = {k: {r.extras["ref_img"] for r in v} for k, v in s.items()}
+  assert not refs["train"] & refs["val"] and not refs["train"] & refs["test"]
+  assert not refs["val"] & refs["test"]
+  assert [len(s[k]) for k in ("train", "val", "test")] == [40, 10, 10]
+  prompts = [Record(f"/p/{i}", 0.5, 2.5, {"prompt": f"p{i // 3}"}) for i in range(30)]
+  s = datasets.make_splits(prompts, 8, split="content")
+  assert not {r.extras["prompt"] for r in s["train"]} & {r.extras["prompt"] for r in s["val"]}
+  with pytest.raises(ValueError, match="split='content' needs"):
+    datasets.make_splits(_records(10), 8, split="content")
+
+
+def test_save_and_load_splits(tmp_path):
+  s = datasets.make_splits(_records(10, groups=2), 8)
+  path = datasets.save_splits(s, str(tmp_path))
+  assert path.name == "splits.json" and len(json.loads(path.read_text())["val"]) == 2
+  assert datasets.load_splits(str(tmp_path)) == s
