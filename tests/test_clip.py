@@ -14,6 +14,12 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             patch_size=8, image_size=32, projection_dim=16)
 
 
+def _zeros_like_init(module, x):
+  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
   torch.manual_seed(0)
@@ -39,11 +45,9 @@ def _reference(model, images_nhwc):
 def test_image_embeds_match_hf_at_non_native_size(tiny_clip, scan):
   model, folder = tiny_clip
   module, params, pp = clip.load_hf_clip(str(folder), scan=scan, lora_rank=4)
-  # LoRA leaves come from init (B = 0, so the function is unchanged); overlay the checkpoint.
   images = np.random.RandomState(0).randn(2, 48, 40, 3).astype(np.float32)  # grid 6x5 vs 4x4
-  init = module.init(jax.random.PRNGKey(0), jnp.asarray(images))["params"]
-  params = hf_io.merge_loaded(jax.device_get(init), params)
-  feature, out = module.apply({"params": params}, jnp.asarray(images))
+  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA leaves 0
+  feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   err = np.abs(np.asarray(feature) - _reference(model, images)).max()
   print(f"CLIP image_embeds max abs error vs HF: {err:.2e}")
   assert feature.shape == (2, 16)
@@ -56,7 +60,7 @@ def test_native_size_and_intermediates(tiny_clip):
   model, folder = tiny_clip
   module, params, _ = clip.load_hf_clip(str(folder))
   images = np.random.RandomState(1).randn(1, 32, 32, 3).astype(np.float32)
-  feature, out = module.apply({"params": params}, jnp.asarray(images))
+  feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   with torch.no_grad():
     ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
   assert np.abs(np.asarray(feature) - ref.image_embeds.numpy()).max() <= 1e-4
@@ -70,8 +74,7 @@ def test_build_lora_on_q_and_k_only():
       variant=dict(TINY), dtype="float32", remat="nothing", scan=True, attention="xla"))
   bb = clip.build(cfg)
   assert bb.params is None and bb.preprocessing["resample"] == "bicubic"
-  params = bb.module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                          jnp.zeros((1, 32, 32, 3)), train=True)["params"]
+  params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   lora = sorted(p for p in paths if "lora_" in p)
   assert lora == ["encoder_layers/self_attn/k_proj/lora_a", "encoder_layers/self_attn/k_proj/lora_b",

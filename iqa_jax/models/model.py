@@ -29,6 +29,7 @@ BACKBONES: dict[str, str] = {
     "siglip": "iqa_jax.models.siglip:build",
     "clip": "iqa_jax.models.clip:build",
     "dinov2": "iqa_jax.models.dinov2:build",
+    "resnet": "iqa_jax.models.resnet:build",
 }
 
 
