@@ -52,7 +52,7 @@ def load_image(path: str, draft_size: int | None = None) -> np.ndarray:
       if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
       img.load()
-      img = ImageOps.exif_transpose(img)
+      ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is no rotation
       return to_rgb(img)
   except FileNotFoundError:
     raise _fail(path, "file not found") from None

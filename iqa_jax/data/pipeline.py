@@ -59,16 +59,22 @@ def _check_mos(r: Record) -> str | None:
   return None
 
 
-def check_records(records: Sequence[Record], on_error: str = "raise",
-                  threads: int = 8) -> tuple[list[Record], list[tuple[str, str]]]:
+def check_records(records: Sequence[Record], on_error: str = "raise", threads: int = 8,
+                  cache: str | None = None) -> tuple[list[Record], list[tuple[str, str]]]:
   """Verifies MOS values, duplicate paths and that each file decodes -> (kept, [(path, reason)]).
 
   on_error='raise' raises on the first bad record in order; 'skip' drops and returns them.
+  With a prepare cache, an image counts as readable when the cache holds it (no decoding).
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
-    file_reasons = list(pool.map(_check_file, [r.path for r in records]))
+  if cache:
+    from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    held = prepare.cached_paths(cache)
+    file_reasons = [None if r.path in held else f"not in the cache {cache}" for r in records]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
+      file_reasons = list(pool.map(_check_file, [r.path for r in records]))
   kept, skipped, seen = [], [], {}
   for i, (r, file_reason) in enumerate(zip(records, file_reasons)):
     where = r.extras.get("row", f"record {i}")  # adapters put 'table.csv:LINE' there
