@@ -30,6 +30,7 @@ BACKBONES: dict[str, str] = {
     "clip": "iqa_jax.models.clip:build",
     "dinov2": "iqa_jax.models.dinov2:build",
     "resnet": "iqa_jax.models.resnet:build",
+    "dinov3": "iqa_jax.models.dinov3:build",
 }
 
 
