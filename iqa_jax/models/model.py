@@ -31,6 +31,7 @@ BACKBONES: dict[str, str] = {
     "dinov2": "iqa_jax.models.dinov2:build",
     "resnet": "iqa_jax.models.resnet:build",
     "dinov3": "iqa_jax.models.dinov3:build",
+    "siglip2_naflex": "iqa_jax.models.siglip2_naflex:build",
 }
 
 
