@@ -71,7 +71,7 @@ def test_native_size_and_intermediates(tiny_clip):
 def test_build_lora_on_q_and_k_only():
   cfg = ml_collections.ConfigDict(dict(
       backbone="clip", init=None, finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.05),
-      variant=dict(TINY), dtype="float32", remat="nothing", scan=True, attention="xla"))
+      arch=dict(TINY), dtype="float32", remat="nothing", scan=True, attention="xla"))
   bb = clip.build(cfg)
   assert bb.params is None and bb.preprocessing["resample"] == "bicubic"
   params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))

@@ -70,7 +70,7 @@ def test_swiglu_variant_and_native_size(tmp_path_factory):
 def test_build_lora_on_q_and_k_only():
   cfg = ml_collections.ConfigDict(dict(
       backbone="dinov2", init=None, finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.05),
-      variant=dict(TINY), dtype="float32", remat="none", scan=True, attention="xla"))
+      arch=dict(TINY), dtype="float32", remat="none", scan=True, attention="xla"))
   bb = dinov2.build(cfg)
   params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]

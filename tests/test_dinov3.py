@@ -69,7 +69,7 @@ def test_plain_mlp_without_registers(tmp_path_factory):
 def test_build_lora_and_train_time_rope_augmentation():
   cfg = ml_collections.ConfigDict(dict(
       backbone="dinov3", init=None, finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.0),
-      variant=dict(TINY), dtype="float32", remat="none", scan=True, attention="xla"))
+      arch=dict(TINY), dtype="float32", remat="none", scan=True, attention="xla"))
   module = dinov3.build(cfg).module
   x = np.random.RandomState(2).randn(1, 32, 32, 3).astype(np.float32)
   rs = np.random.RandomState(3)

@@ -95,7 +95,7 @@ def test_naflex_size_agrees_with_hf():
 
 def test_build_lora_on_q_and_k_and_padded_eval_rows_stay_finite():
   cfg = ml_collections.ConfigDict(dict(
-      backbone="siglip2_naflex", init=None, finetune="lora", variant=dict(TINY),
+      backbone="siglip2_naflex", init=None, finetune="lora", arch=dict(TINY),
       lora=dict(rank=2, alpha=8.0, dropout=0.0), dtype="float32", remat="none", scan=True,
       attention="xla"))
   module = naflex.build(cfg).module

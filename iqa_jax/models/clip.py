@@ -214,12 +214,12 @@ def load_hf_clip(path_or_id: str, **module_kwargs):
   return module, params, hf_io.read_preprocessing(folder, cfg.image_size)
 
 
-def _module_kwargs(model_config) -> dict:
-  """config.model fields -> ClipVision fields (LoRA rank only when finetune='lora')."""
-  from iqa_jax.models.model import DTYPES
+def build(model_config):
+  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
+  from iqa_jax.models.model import DTYPES, Backbone
   lora = model_config.get("lora", {})
   finetune = model_config.get("finetune", "lora")
-  return dict(
+  kwargs = dict(
       dtype=DTYPES[model_config.get("dtype", "float32")],
       lora_rank=lora.get("rank", 4) if finetune == "lora" else 0,
       lora_alpha=lora.get("alpha", 8.0),
@@ -228,21 +228,12 @@ def _module_kwargs(model_config) -> dict:
       scan=model_config.get("scan", True),
       attention_impl=model_config.get("attention", "auto"),
   )
-
-
-def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None` builds a random tower from `variant`."""
-  from iqa_jax.models.model import Backbone
-  kwargs = _module_kwargs(model_config)
   if model_config.get("init"):
     return Backbone(*load_hf_clip(model_config.init, **kwargs))
   variant = model_config.get("variant", "l/14@224")
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-    cfg = VARIANTS[variant]
-  else:
-    cfg = ClipConfig(**dict(variant))
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
+  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
   # OpenAI CLIP's normalisation (preprocessor_config.json of openai/clip-vit-large-patch14).
   pp = {"size": cfg.image_size, "crop": cfg.image_size,
         "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),

@@ -287,7 +287,7 @@ def load_hf_dinov3(path_or_id: str, **module_kwargs):
 
 
 def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None` builds a random tower from `variant`."""
+  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
   from iqa_jax.models.model import DTYPES, Backbone
   lora = model_config.get("lora", {})
   finetune = model_config.get("finetune", "lora")
@@ -305,12 +305,9 @@ def build(model_config):
   if model_config.get("init"):
     return Backbone(*load_hf_dinov3(model_config.init, **kwargs))
   variant = model_config.get("variant", "h+/16")
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-    cfg = VARIANTS[variant]
-  else:
-    cfg = Dinov3Config(**dict(variant))
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
+  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
   # DINOv3's image processor: 224x224 bilinear, ImageNet statistics.
   pp = {"size": cfg.image_size, "crop": None, "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225), "resample": "bilinear"}

@@ -221,7 +221,7 @@ def load_hf_resnet(path_or_id: str, **module_kwargs):
 
 
 def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None` builds a random net from `variant`."""
+  """Registry entry: config.model -> Backbone. `init=None`: random net of `variant` + `arch`."""
   from iqa_jax.models.model import DTYPES, Backbone
   lora = model_config.get("lora", {})
   finetune = model_config.get("finetune", "lora")
@@ -235,13 +235,11 @@ def build(model_config):
   if model_config.get("init"):
     return Backbone(*load_hf_resnet(model_config.init, **kwargs))
   variant = model_config.get("variant", "152")
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-    cfg = VARIANTS[variant]
-  else:
-    cfg = ResNetConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                          for k, v in dict(variant).items()})
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
+  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+          for k, v in dict(model_config.get("arch", {})).items()}
+  cfg = dataclasses.replace(VARIANTS[variant], **arch)
   # microsoft/resnet-152's preprocessor_config.json: ImageNet stats, bicubic, 256 -> crop 224.
   pp = {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
         "resample": "bicubic"}

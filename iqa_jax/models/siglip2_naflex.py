@@ -364,7 +364,7 @@ def load_hf_siglip2_naflex(path_or_id: str, **module_kwargs):
 
 
 def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None` builds a random tower from `variant`."""
+  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
   from iqa_jax.models.model import DTYPES, Backbone
   lora = model_config.get("lora", {})
   finetune = model_config.get("finetune", "lora")
@@ -380,12 +380,9 @@ def build(model_config):
   if model_config.get("init"):
     return Backbone(*load_hf_siglip2_naflex(model_config.init, **kwargs))
   variant = model_config.get("variant", "so400m/16")
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-    cfg = VARIANTS[variant]
-  else:
-    cfg = NaflexConfig(**dict(variant))
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
+  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
   pp = {"size": 512, "crop": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
         "resample": "bilinear", "patch_size": cfg.patch_size, "max_num_patches": 256}
   return Backbone(Siglip2NaflexVision(cfg, **kwargs), None, pp)
