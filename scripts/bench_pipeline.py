@@ -1,6 +1,6 @@
 """Input-pipeline throughput: 1024x768 JPEGs -> 512x512 normalised batches, by worker count.
 
-  python scripts/bench_pipeline.py [--images 256] [--workers 0,1,2] [--threads 8]
+  python scripts/bench_pipeline.py [--images 512] [--workers 0,1,2] [--threads 8]
 
 Writes KonIQ-like JPEGs (scikit-image photos at 1024x768 with film grain, quality 90, about
 240 KB each) to a temporary folder, then times one epoch of make_train_loader from the files and
@@ -9,7 +9,9 @@ from a prepare cache of the same images.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,22 +40,33 @@ def make_jpegs(folder: Path, n: int) -> list[Record]:
   return records
 
 
-def time_epoch(records, pp_str, workers, threads, batch_size, cache=None) -> float:
+def _cpu_seconds() -> float:
+  """CPU time of this process (all threads) and of its finished children (worker processes)."""
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_epoch(records, pp_str, workers, threads, batch_size, cache=None) -> tuple[float, float]:
+  """(steady img/s of wall time, img per CPU-second over the whole epoch incl. start-up)."""
   loader = pipeline.make_train_loader(records, pp_str, batch_size, seed=0, epoch=0,
                                       workers=workers, threads=threads, cache=cache)
-  it = iter(loader)
-  next(it)  # start-up (worker processes, first decode) is not throughput
-  t0, n = time.perf_counter(), 0
-  for batch in it:
-    n += len(batch["index"])
-  return n / (time.perf_counter() - t0)
+  cpu0 = _cpu_seconds()
+  warmup = max(len(loader) // 4, 1)  # worker start-up and the prefetch buffer filling up
+  for i, batch in enumerate(loader):
+    if i == warmup:
+      t0 = time.perf_counter()
+  wall = time.perf_counter() - t0
+  del batch
+  gc.collect()  # joins the worker processes, so their CPU time is counted
+  return (len(loader) - warmup - 1) * batch_size / wall, len(loader) * batch_size / (
+      _cpu_seconds() - cpu0)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--images", type=int, default=256)
+  parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--workers", default="0,1,2")
-  parser.add_argument("--threads", type=int, default=8)
+  parser.add_argument("--threads", type=int, default=0, help="per process; 0: cores / processes")
   parser.add_argument("--batch_size", type=int, default=16)
   args = parser.parse_args()
   pp_str = pp.native_pp({"size": 512, "crop": None, "mean": (0.5,) * 3, "std": (0.5,) * 3,
@@ -66,11 +79,17 @@ def main():
     print(f"{os.cpu_count()} CPU cores; {args.images} images 1024x768 -> batches of "
           f"{args.batch_size}x512x512x3 float32; pp: {pp_str}")
     print(f"prepare cache: {prep:.0f} img/s ({args.images * 512 * 512 * 3 / 2**20:.0f} MiB)")
-    print(f"{'workers':>8} {'threads':>8} {'files img/s':>12} {'cache img/s':>12}")
-    for workers in (int(w) for w in args.workers.split(",")):
-      files = time_epoch(records, pp_str, workers, args.threads, args.batch_size)
-      cached = time_epoch(records, pp_str, workers, args.threads, args.batch_size, str(cache))
-      print(f"{workers:>8} {args.threads:>8} {files:>12.0f} {cached:>12.0f}")
+    print("img/s: wall clock after warm-up (depends on other load on the machine); img/cpu-s: "
+          "images per CPU-second over the epoch, start-up included")
+    print(f"{'workers':>7} {'threads':>7} | {'files img/s':>11} {'img/cpu-s':>9} | "
+          f"{'cache img/s':>11} {'img/cpu-s':>9}")
+    runs = [(0, 1)] + [(int(w), args.threads) for w in args.workers.split(",")]
+    for workers, threads in runs:  # (0, 1): one thread, i.e. what one core does
+      files = time_epoch(records, pp_str, workers, threads or None, args.batch_size)
+      cached = time_epoch(records, pp_str, workers, threads or None, args.batch_size, str(cache))
+      shown = threads or max((os.cpu_count() or 1) // max(workers, 1), 1)
+      print(f"{workers:>7} {shown:>7} | {files[0]:>11.0f} {files[1]:>9.0f} | "
+            f"{cached[0]:>11.0f} {cached[1]:>9.0f}")
 
 
 if __name__ == "__main__":

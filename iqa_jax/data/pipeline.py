@@ -136,17 +136,22 @@ class CachedSource(Sequence):
 
 @dataclasses.dataclass
 class Loader:
-  """An iterable of batches with a length; each iteration replays the same order."""
+  """An iterable of batches with a length; each iteration replays the same order.
+
+  Each of `threads` threads (per worker process, if any) builds whole batches; PIL decodes and
+  resizes without holding the GIL, so threads alone use several cores. None: cores / processes.
+  """
   dataset: grain.MapDataset
   workers: int = 0
-  threads: int = 8
-  prefetch: int = 64
+  threads: int | None = None
 
   def __len__(self) -> int:
     return len(self.dataset)
 
   def __iter__(self) -> Iterator[dict]:
-    read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+    threads = self.threads or max((os.cpu_count() or 1) // max(self.workers, 1), 1)
+    # The buffer holds batches: one in flight per thread keeps memory at threads x batch.
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2))
     ds = self.dataset.to_iter_dataset(read)
     if self.workers > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; tests don't parse them
@@ -166,7 +171,7 @@ def _source(records, cache):
 
 def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *, seed: int,
                       epoch: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1,
-                      drop_remainder: bool = True, threads: int = 8,
+                      drop_remainder: bool = True, threads: int | None = None,
                       cache: str | None = None) -> Loader:
   """Shuffled batches {'image', 'mos', 'index'} of one epoch for this shard (JAX process).
 
@@ -182,7 +187,8 @@ def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *
 
 
 def make_eval_loader(records: Sequence[Record], pp_str: str, batch_size: int, *,
-                     workers: int = 0, threads: int = 8, cache: str | None = None) -> Loader:
+                     workers: int = 0, threads: int | None = None,
+                     cache: str | None = None) -> Loader:
   """Batches in record order; the last is zero-padded to batch_size, with a 'valid' mask."""
   ds = grain.MapDataset.source(_source(records, cache))
   ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
