@@ -109,8 +109,9 @@ def test_check_records_bad_inputs(tmp_path, records):
 
 def test_decode_failure_inside_loader_names_the_file(tmp_path, records):
   gone = Record(str(tmp_path / "deleted_after_check.jpg"), 0.5, 2.5)
-  with pytest.raises(images.ImageError, match="deleted_after_check.jpg"):
-    list(pipeline.make_eval_loader([records[0], gone], PP, 2))
+  for workers in (0, 1):  # the error crosses from a worker process unchanged
+    with pytest.raises(images.ImageError, match="deleted_after_check.jpg"):
+      list(pipeline.make_eval_loader([records[0], gone], PP, 2, workers=workers))
 
 
 def test_odd_formats_in_one_batch(tmp_path):
