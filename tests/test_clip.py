@@ -81,3 +81,35 @@ def test_build_lora_on_q_and_k_only():
                   "encoder_layers/self_attn/q_proj/lora_a", "encoder_layers/self_attn/q_proj/lora_b"]
   cfg.finetune = "frozen"
   assert clip.build(cfg).module.lora_rank == 0
+
+
+def _tiny_csv_set(folder, n=10):
+  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
+  from PIL import Image
+  rs = np.random.RandomState(0)
+  rows = ["path,mos"]
+  for i in range(n):
+    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
+    rows.append(f"{i}.png,{rs.rand():.3f}")
+  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+  return folder
+
+
+def test_two_train_steps_through_the_train_loop(tmp_path):
+  """configs/clip.py with a tiny random tower: 8 train images, batch 4 (2 x accumulation 2)."""
+  import importlib.util
+  import pathlib
+  from iqa_jax import train
+  spec = importlib.util.spec_from_file_location(
+      "clip_config", pathlib.Path(__file__).parents[1] / "configs" / "clip.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("head=gated")
+  config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
+  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32)
+  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
+  config.update(eval_batch_size=4, progress=False)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  history = train.checkpoint.read_history(tmp_path / "run")
+  assert results["status"] == "done" and history[0]["step"] == 2
+  assert np.isfinite(history[0]["train_loss"])

@@ -111,3 +111,36 @@ def test_build_lora_on_q_and_k_and_padded_eval_rows_stay_finite():
   params = jax.tree.map(lambda z: (0.1 * rs.randn(*z.shape)).astype(z.dtype), params)
   feature, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(packed))
   assert np.isfinite(np.asarray(feature)).all()
+
+
+def _tiny_csv_set(folder, n=10):
+  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
+  from PIL import Image
+  rs = np.random.RandomState(0)
+  rows = ["path,mos"]
+  for i in range(n):
+    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
+    rows.append(f"{i}.png,{rs.rand():.3f}")
+  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+  return folder
+
+
+def test_two_train_steps_through_the_train_loop(tmp_path):
+  """configs/siglip2_naflex.py, native aspect, tiny random tower: 8 images, batch 4 (2 x 2)."""
+  import importlib.util
+  import pathlib
+  from iqa_jax import train
+  spec = importlib.util.spec_from_file_location(
+      "siglip2_naflex_config", pathlib.Path(__file__).parents[1] / "configs" / "siglip2_naflex.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("head=gated")
+  config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
+  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
+                     pp=naflex.naflex_pp(4, BUDGET))  # native aspect: packed patches + masks
+  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
+  config.update(eval_batch_size=4, progress=False)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  history = train.checkpoint.read_history(tmp_path / "run")
+  assert results["status"] == "done" and history[0]["step"] == 2
+  assert np.isfinite(history[0]["train_loss"])
