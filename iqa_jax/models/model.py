@@ -32,6 +32,7 @@ BACKBONES: dict[str, str] = {
     "resnet": "iqa_jax.models.resnet:build",
     "dinov3": "iqa_jax.models.dinov3:build",
     "siglip2_naflex": "iqa_jax.models.siglip2_naflex:build",
+    "pe": "iqa_jax.models.pe:build",
 }
 
 
