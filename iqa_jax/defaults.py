@@ -34,7 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 0
   c.data.on_error = "raise"  # raise | skip
   c.data.cache = ""
-  c.data.options = ml_collections.ConfigDict()
+  # Adapter options; each adapter ignores those it does not use (docs/datasets.md).
+  c.data.options = ml_collections.ConfigDict({
+      "resolution": "1024x768",  # KonIQ-10k: 1024x768 or 512x384
+      "target": "quality",  # AGIQA-3K: quality or align
+      "image_dir": "",  # override an adapter's image folder
+      "drop_practice": True,  # CLIVE: drop the 7 practice images
+      "distortions": "",  # demo: a subset of distortion types, e.g. "gaussian_blur,jpeg"
+  })
 
   c.optim = ml_collections.ConfigDict()
   c.optim.epochs = 30

@@ -54,11 +54,11 @@ def _progress(total: int, desc: str, enabled: bool):
 def predict(eval_fn, params, loader, progress: bool = False, desc: str = "eval") -> np.ndarray:
   """Scores for every real (unpadded) example of an eval loader, in record order."""
   out = []
-  bar = _progress(len(loader) * loader.batch_size, desc, progress)
+  bar = _progress(len(loader), desc, progress)
   for batch in loader:
     scores = eval_fn(params, batch["image"])
     out.append((scores, batch["valid"]))
-    bar.update(int(batch["image"].shape[0]))
+    bar.update(1)
   bar.close()
   return np.concatenate([np.asarray(s)[np.asarray(v)] for s, v in out]) if out else np.zeros(0)
 
@@ -72,7 +72,8 @@ def gate_weights(params) -> dict[str, list[float]]:
 
 def load_data(config, workdir: Path):
   records = datasets.load_records(config.data)
-  records, skipped = pipeline.check_records(records, on_error=config.data.on_error)
+  records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
+                                            cache=config.data.cache or None)
   if skipped:
     _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
          f"(listed in {workdir / 'skipped.csv'})")
@@ -109,8 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
        + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
+  cache = config.data.cache or None
   loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
-                   shard_count=jax.process_count())
+                   shard_count=jax.process_count(), cache=cache)
   steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, optim.batch_size,
                                                    seed=config.seed, epoch=0, **loader_kw))
   schedule = resolve_schedule(config)
@@ -140,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        with_grad_norm=config.log_grad_norm), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(model))
   val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
-                                         workers=config.data.workers)
+                                         workers=config.data.workers, cache=cache)
   val_mos = np.array([r.mos for r in val_recs])
 
   for epoch in range(start_epoch, optim.epochs):
@@ -200,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "test" in splits and splits["test"]:
     best_state = ckpt.restore_best(state, labels) or state
     test_loader = pipeline.make_eval_loader(splits["test"], pp_str, config.eval_batch_size,
-                                            workers=config.data.workers)
+                                            workers=config.data.workers, cache=cache)
     test_scores = predict(eval_fn, best_state.params, test_loader)
     results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
   (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,7 +1,9 @@
 """An embedded KADID-style demo set built from the photographs shipped inside scikit-image.
 
-Each reference photo is degraded by four distortion types at five graded levels and saved in
-KADID-10k's layout (`images/I01_02_03.png`, `dmos.csv` with dist_img, ref_img, dmos, var).
+Each reference photo gives its 40 most textured 64 px tiles (four zooms); each crop is degraded by four distortion types at
+five graded levels and saved in KADID-10k's layout (`images/I01_02_03_c1.png` = photo 1,
+distortion 2, level 3, crop 1; `dmos.csv` with dist_img, ref_img, dmos, var). ref_img names the
+photo, so a content split keeps all crops of a photo on one side.
 Label: level 1 (mildest) .. 5 (strongest) -> dmos = 6 - level, i.e. 5, 4, 3, 2, 1 on KADID's
 1-5 scale; the adapter then normalises like KADID (App. B: (dmos - 1) / 4), so mos is
 1.0, 0.75, 0.5, 0.25, 0.0. Same level, same label, whatever the distortion type.
@@ -19,16 +21,16 @@ from PIL import Image, ImageFilter
 from iqa_jax.data.records import Record
 
 # Real photographs in skimage/data (no download). Grayscale ones exercise the L -> RGB path.
-PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
-          "hubble_deep_field", "ihc", "microaneurysms", "moon", "motorcycle_left", "page",
-          "retina", "rocket", "text")
+# Photos where the distortions show; near-black or flat ones (hubble, moon, cell) are left out.
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "ihc",
+          "motorcycle_left", "motorcycle_right", "page", "retina", "rocket")
 FILES = {"astronaut": "astronaut.png", "brick": "brick.png", "camera": "camera.png",
          "cell": "cell.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
          "coins": "coins.png", "grass": "grass.png", "gravel": "gravel.png",
          "hubble_deep_field": "hubble_deep_field.jpg", "ihc": "ihc.png",
          "microaneurysms": "microaneurysms.png", "moon": "moon.png",
          "motorcycle_left": "motorcycle_left.png", "page": "page.png", "retina": "retina.jpg",
-         "rocket": "rocket.jpg", "text": "text.png"}
+         "rocket": "rocket.jpg", "text": "text.png", "motorcycle_right": "motorcycle_right.png"}
 LEVELS = 5
 
 
@@ -59,17 +61,33 @@ DISTORTIONS = {1: ("gaussian_blur", _blur), 2: ("white_noise", _noise), 3: ("jpe
                4: ("pixelate", _pixelate)}
 
 
-def _reference(name: str, size: int) -> Image.Image:
+def _texture(tile: Image.Image) -> float:
+  g = np.asarray(tile.convert("L"), np.float32)
+  return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())
+
+
+def _crops(name: str, size: int, keep: int = 40) -> list[Image.Image]:
+  """The `keep` most textured size x size tiles of the photo seen at four zooms.
+
+  Many tiles at several zooms stop a model from memorising each clean tile (it must learn what
+  a distortion looks like instead), and blur, JPEG and pixelation are invisible on flat tiles
+  (sky, black background), where a label taken from the level would be wrong.
+  """
   import skimage
-  path = Path(skimage.__file__).parent / "data" / FILES[name]
-  img = Image.open(path)
-  img = img.convert("RGB")
-  side = min(img.size)
-  left, top = (img.width - side) // 2, (img.height - side) // 2
-  return img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+  photo = Image.open(Path(skimage.__file__).parent / "data" / FILES[name]).convert("RGB")
+  tiles = []
+  for n in (2, 4, 6, 8):  # short side = n tiles
+    scale = n * size / min(photo.size)
+    img = photo.resize((max(n * size, round(photo.width * scale)),
+                        max(n * size, round(photo.height * scale))), Image.BICUBIC)
+    left, top = (img.width - n * size) // 2, (img.height - n * size) // 2
+    tiles += [img.crop((left + x, top + y, left + x + size, top + y + size))
+              for y in range(0, n * size, size) for x in range(0, n * size, size)]
+  order = sorted(range(len(tiles)), key=lambda i: -_texture(tiles[i]))[:keep]
+  return [tiles[i] for i in sorted(order)]
 
 
-def build_demo(out_dir: str, size: int = 128, photos=PHOTOS) -> Path:
+def build_demo(out_dir: str, size: int = 64, photos=PHOTOS) -> Path:
   """Writes the set once (idempotent) and returns the folder."""
   out = Path(out_dir)
   table = out / "dmos.csv"
@@ -78,15 +96,16 @@ def build_demo(out_dir: str, size: int = 128, photos=PHOTOS) -> Path:
   (out / "images").mkdir(parents=True, exist_ok=True)
   rows = []
   for r, name in enumerate(photos, start=1):
-    ref = _reference(name, size)
     ref_name = f"I{r:02d}.png"
-    ref.save(out / "images" / ref_name)
-    for d, (_, fn) in DISTORTIONS.items():
-      for level in range(1, LEVELS + 1):
-        img = fn(ref, level, seed=r * 100 + d * 10 + level) if fn is _noise else fn(ref, level)
-        dist_name = f"I{r:02d}_{d:02d}_{level:02d}.png"
-        img.save(out / "images" / dist_name)
-        rows.append((dist_name, ref_name, float(6 - level), 0.0))
+    for c, crop in enumerate(_crops(name, size), start=1):
+      crop.save(out / "images" / f"I{r:02d}_c{c:02d}.png")
+      for d, (_, fn) in DISTORTIONS.items():
+        for level in range(1, LEVELS + 1):
+          seed = r * 1000 + c * 100 + d * 10 + level
+          img = fn(crop, level, seed=seed) if fn is _noise else fn(crop, level)
+          dist_name = f"I{r:02d}_{d:02d}_{level:02d}_c{c:02d}.png"
+          img.save(out / "images" / dist_name)
+          rows.append((dist_name, ref_name, float(6 - level), 0.0))
   tmp = table.with_suffix(".tmp")
   with open(tmp, "w", newline="") as f:
     w = csv.writer(f)
