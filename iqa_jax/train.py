@@ -6,6 +6,7 @@ resumes after the last finished epoch.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -182,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     improved = val["srcc"] > best["srcc"]
     if improved:
       best = {"epoch": epoch, **val}
+      write_predictions(workdir / "val_predictions.csv", val_recs, scores)
     history.append(entry)
     checkpoint.write_history(workdir, history)
     ckpt.save(state, labels, "last", {"epoch": epoch, "best": best})
@@ -208,6 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   ckpt.close()
   return results
+
+
+def write_predictions(path: Path, records, scores) -> None:
+  """Per-image predictions of the best epoch (for scatter plots and error analysis)."""
+  tmp = path.with_suffix(".tmp")
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "mos", "pred"])
+    for r, s in zip(records, scores):
+      w.writerow([r.path, f"{r.mos:.6f}", f"{float(s):.6f}"])
+  tmp.replace(path)
 
 
 def _with_schedule(config, schedule: str):
