@@ -1,11 +1,25 @@
-"""Correlation metrics of IQA: SRCC and raw PLCC are the paper's headline numbers."""
+"""IQA metrics. SRCC and raw PLCC are the paper's headline numbers (Tables 1-6); the VQEG set
+(PLCC and RMSE after a 4-parameter logistic mapping, KRCC) is reported beside them."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
+
+# Every key compute_metrics returns, with the label tables and plots print for it.
+METRIC_LABELS = {
+    "srcc": "SRCC",
+    "plcc": "PLCC (raw)",
+    "krcc": "KRCC",
+    "plcc_logistic": "PLCC (after 4-param logistic)",
+    "rmse": "RMSE (raw, normalised MOS)",
+    "rmse_logistic": "RMSE (after 4-param logistic, normalised MOS)",
+}
 
 
 def srcc(pred, mos) -> float:
+  """Spearman rank correlation (the paper's SRCC)."""
   return float(stats.spearmanr(pred, mos)[0])
 
 
@@ -14,6 +28,51 @@ def plcc(pred, mos) -> float:
   return float(stats.pearsonr(pred, mos)[0])
 
 
-def compute_metrics(pred, mos) -> dict[str, float]:
+def krcc(pred, mos) -> float:
+  """Kendall rank correlation (tau-b, ties counted as scipy does)."""
+  return float(stats.kendalltau(pred, mos)[0])
+
+
+def rmse(pred, mos) -> float:
+  return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - np.asarray(mos, np.float64)) ** 2)))
+
+
+def logistic4(x, b1: float, b2: float, b3: float, b4: float):
+  """VQEG 4-parameter logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
+  z = np.clip(-(np.asarray(x, np.float64) - b3) / max(abs(b4), 1e-12), -500.0, 500.0)
+  return (b1 - b2) / (1.0 + np.exp(z)) + b2
+
+
+def fit_logistic(pred, mos) -> np.ndarray:
+  """Least-squares (b1, b2, b3, b4) of logistic4 mapping predictions onto MOS (VQEG)."""
   pred, mos = np.asarray(pred, np.float64), np.asarray(mos, np.float64)
-  return {"srcc": srcc(pred, mos), "plcc": plcc(pred, mos)}
+  spread = float(np.std(pred)) or 1.0
+  lo, hi = float(np.min(mos)), float(np.max(mos))
+  if plcc(pred, mos) < 0:  # a decreasing curve starts from the decreasing end
+    lo, hi = hi, lo
+  start = np.array([hi, lo, float(np.median(pred)), spread])
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optimize.OptimizeWarning)
+    beta, _ = optimize.curve_fit(logistic4, pred, mos, p0=start, maxfev=20000)
+  return beta
+
+
+def map_logistic(pred, mos) -> np.ndarray:
+  """Predictions mapped onto the MOS scale by the fitted logistic (raw ones if the fit fails)."""
+  try:
+    return logistic4(pred, *fit_logistic(pred, mos))
+  except (RuntimeError, ValueError):  # no convergence: report the unmapped numbers
+    return np.asarray(pred, np.float64)
+
+
+def compute_metrics(pred, mos) -> dict[str, float]:
+  """All METRIC_LABELS keys for predictions vs MOS (both on the normalised [0, 1] scale)."""
+  pred, mos = np.asarray(pred, np.float64), np.asarray(mos, np.float64)
+  if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(mos) == 0:  # correlations are undefined
+    nan = float("nan")
+    return {"srcc": nan, "plcc": nan, "krcc": nan, "plcc_logistic": nan,
+            "rmse": rmse(pred, mos) if len(pred) else nan, "rmse_logistic": nan}
+  mapped = map_logistic(pred, mos)
+  return {"srcc": srcc(pred, mos), "plcc": plcc(pred, mos), "krcc": krcc(pred, mos),
+          "plcc_logistic": plcc(mapped, mos), "rmse": rmse(pred, mos),
+          "rmse_logistic": rmse(mapped, mos)}
