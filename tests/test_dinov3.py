@@ -86,7 +86,7 @@ def test_build_lora_and_train_time_rope_augmentation():
   assert float(jnp.abs(trained - evaluated).max()) > 1e-6
 
 
-def _tiny_csv_set(folder, n=10):
+def _tiny_csv_set(folder, n=14):
   """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
   from PIL import Image
   rs = np.random.RandomState(0)
@@ -99,7 +99,7 @@ def _tiny_csv_set(folder, n=10):
 
 
 def test_two_train_steps_through_the_train_loop(tmp_path):
-  """configs/dinov3.py with a tiny random tower: 8 train images, batch 4 (2 x accumulation 2)."""
+  """configs/dinov3.py with a tiny random tower: 8 train images (6 val), batch 4 = 2 x 2."""
   import importlib.util
   import pathlib
   from iqa_jax import train
@@ -109,7 +109,8 @@ def test_two_train_steps_through_the_train_loop(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config("head=gated")
   config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32)
+  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
+                     val_fraction=6 / 14)
   config.optim.update(epochs=1, batch_size=4, grad_accum=2)
   config.update(eval_batch_size=4, progress=False)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -158,7 +158,7 @@ def test_build_lora_on_q_and_k_only():
   assert params["blocks"]["norm1"]["scale"].shape[0] == 2  # blocks past the tap are not built
 
 
-def _tiny_csv_set(folder, n=10):
+def _tiny_csv_set(folder, n=14):
   """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
   from PIL import Image
   rs = np.random.RandomState(0)
@@ -171,7 +171,7 @@ def _tiny_csv_set(folder, n=10):
 
 
 def test_two_train_steps_through_the_train_loop(tmp_path):
-  """configs/pe.py with a tiny random tower tapped at block 2: 8 images, batch 4 (2 x 2)."""
+  """configs/pe.py, tiny random tower tapped at block 2: 8 train images (6 val), batch 4 = 2 x 2."""
   import importlib.util
   import pathlib
   from iqa_jax import train
@@ -182,7 +182,8 @@ def test_two_train_steps_through_the_train_loop(tmp_path):
   config = module.get_config("head=gated")
   config.model.update(init=None, arch=dict(TINY, num_classes=16), tap_layer=2, dtype="float32",
                       remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32)
+  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
+                     val_fraction=6 / 14)
   config.optim.update(epochs=1, batch_size=4, grad_accum=2)
   config.update(eval_batch_size=4, progress=False)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -97,7 +97,7 @@ def test_lora_placement_and_frozen_statistics(tiny_resnet):
   assert float(jnp.abs(flat["embedder/normalization/scale"]).max()) > 0.0
 
 
-def _tiny_csv_set(folder, n=10):
+def _tiny_csv_set(folder, n=14):
   """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
   from PIL import Image
   rs = np.random.RandomState(0)
@@ -110,7 +110,7 @@ def _tiny_csv_set(folder, n=10):
 
 
 def test_two_train_steps_through_the_train_loop(tmp_path):
-  """configs/resnet.py with a tiny random tower: 8 train images, batch 4 (2 x accumulation 2)."""
+  """configs/resnet.py with a tiny random tower: 8 train images (6 val), batch 4 = 2 x 2."""
   import importlib.util
   import pathlib
   from iqa_jax import train
@@ -120,7 +120,8 @@ def test_two_train_steps_through_the_train_loop(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config("head=gated")
   config.model.update(init=None, arch=dict(TINY, depths=[1, 1]), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32)
+  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
+                     val_fraction=6 / 14)
   config.optim.update(epochs=1, batch_size=4, grad_accum=2)
   config.update(eval_batch_size=4, progress=False)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

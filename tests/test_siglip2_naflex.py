@@ -113,7 +113,7 @@ def test_build_lora_on_q_and_k_and_padded_eval_rows_stay_finite():
   assert np.isfinite(np.asarray(feature)).all()
 
 
-def _tiny_csv_set(folder, n=10):
+def _tiny_csv_set(folder, n=14):
   """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
   from PIL import Image
   rs = np.random.RandomState(0)
@@ -126,7 +126,7 @@ def _tiny_csv_set(folder, n=10):
 
 
 def test_two_train_steps_through_the_train_loop(tmp_path):
-  """configs/siglip2_naflex.py, native aspect, tiny random tower: 8 images, batch 4 (2 x 2)."""
+  """configs/siglip2_naflex.py, native aspect, tiny random tower: 8 train images (6 val), 2 x 2."""
   import importlib.util
   import pathlib
   from iqa_jax import train
@@ -137,6 +137,7 @@ def test_two_train_steps_through_the_train_loop(tmp_path):
   config = module.get_config("head=gated")
   config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
   config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
+                     val_fraction=6 / 14,
                      pp=naflex.naflex_pp(4, BUDGET))  # native aspect: packed patches + masks
   config.optim.update(epochs=1, batch_size=4, grad_accum=2)
   config.update(eval_batch_size=4, progress=False)

@@ -87,7 +87,7 @@ def _crops(name: str, size: int, keep: int = 40) -> list[Image.Image]:
   return [tiles[i] for i in sorted(order)]
 
 
-def build_demo(out_dir: str, size: int = 64, photos=PHOTOS) -> Path:
+def build_demo(out_dir: str, size: int = 64, photos=PHOTOS, tiles: int = 40) -> Path:
   """Writes the set once (idempotent) and returns the folder."""
   out = Path(out_dir)
   table = out / "dmos.csv"
@@ -97,7 +97,7 @@ def build_demo(out_dir: str, size: int = 64, photos=PHOTOS) -> Path:
   rows = []
   for r, name in enumerate(photos, start=1):
     ref_name = f"I{r:02d}.png"
-    for c, crop in enumerate(_crops(name, size), start=1):
+    for c, crop in enumerate(_crops(name, size, tiles), start=1):
       crop.save(out / "images" / f"I{r:02d}_c{c:02d}.png")
       for d, (_, fn) in DISTORTIONS.items():
         for level in range(1, LEVELS + 1):

@@ -1,0 +1,97 @@
+"""The train loop end to end on a tiny demo set: results, checkpoints, resume after a kill,
+and the NaN stop. Values are compared exactly: CPU runs are deterministic."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import tiny_demo_config
+from iqa_jax import checkpoint, steps, train
+
+
+def test_run_writes_results_history_checkpoints_and_predictions(trained_run):
+  config, workdir, results = trained_run
+  history = checkpoint.read_history(workdir)
+  assert [h["epoch"] for h in history] == [0, 1]
+  best = max(history, key=lambda h: h["val"]["srcc"])
+  assert results["best"]["srcc"] == best["val"]["srcc"]
+  assert results["final"]["srcc"] == history[-1]["val"]["srcc"]
+  assert results["n_train"] + results["n_val"] == 240
+  # Content split: no reference photo on both sides.
+  splits = json.loads((workdir / "splits.json").read_text())
+  assert splits and (workdir / "ckpt" / "best").is_dir() and (workdir / "ckpt" / "last").is_dir()
+  with open(workdir / "val_predictions.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == results["n_val"]
+  srcc = stats.spearmanr([float(r["pred"]) for r in rows], [float(r["mos"]) for r in rows])[0]
+  assert srcc == pytest.approx(results["best"]["srcc"], abs=1e-5)
+  assert set(history[0]["gate_w"]) == {"act1", "act2"} and len(history[0]["gate_w"]["act1"]) == 512
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(trained_run, tiny_demo_dir, tmp_path,
+                                                          monkeypatch):
+  config, _, uninterrupted = trained_run
+  workdir = tmp_path / "killed"
+  real = train.pipeline.make_train_loader
+
+  class DyingLoader:
+    """Epoch 2's loader: the process is killed after 8 of its batches."""
+    def __init__(self, loader):
+      self.loader = loader
+    def __len__(self):
+      return len(self.loader)
+    def __iter__(self):
+      for i, batch in enumerate(self.loader):
+        if i == 8:
+          raise KeyboardInterrupt("simulated kill")
+        yield batch
+
+  def loader_factory(*a, epoch, **kw):
+    loader = real(*a, epoch=epoch, **kw)
+    return DyingLoader(loader) if epoch == 1 else loader
+
+  monkeypatch.setattr(train.pipeline, "make_train_loader", loader_factory)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
+  assert [h["epoch"] for h in checkpoint.read_history(workdir)] == [0]
+  monkeypatch.setattr(train.pipeline, "make_train_loader", real)
+  resumed = train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
+  assert resumed["best"] == uninterrupted["best"]
+  assert resumed["final"] == uninterrupted["final"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_demo_dir, tmp_path,
+                                                                       monkeypatch):
+  workdir = tmp_path / "nan"
+  train.train_and_evaluate(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1}), str(workdir))
+  real_loss = steps.iqa_loss
+  monkeypatch.setattr(steps, "iqa_loss",
+                      lambda *a, **k: (lambda l, p: (l * np.nan, p))(*real_loss(*a, **k)))
+  with pytest.raises(train.NonFiniteLossError, match=r"step 23 \(epoch 2\)"):
+    train.train_and_evaluate(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 2}), str(workdir))
+  _, meta = checkpoint.load_params(workdir, "last")
+  assert meta["epoch"] == 0
+
+
+def test_missing_pretrained_weights_error_says_what_to_pass(tiny_demo_dir, tmp_path):
+  config = tiny_demo_config(tiny_demo_dir)
+  config.model.init = str(tmp_path / "no_such_checkpoint")
+  with pytest.raises(FileNotFoundError, match="--config.model.init"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_train_cli_overrides_and_exit_code(tiny_demo_dir, tmp_path, capsys):
+  """`--config.a.b=v` reaches the run; a missing data folder exits 2 with a clear message."""
+  import subprocess, sys
+  cmd = [sys.executable, "-m", "iqa_jax.train", "--config", "configs/demo.py",
+         "--config.data.name=koniq10k", f"--config.data.dir={tmp_path / 'nowhere'}",
+         f"--workdir={tmp_path / 'cli'}"]
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parent.parent
+  p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "nowhere" in p.stderr
+  saved = json.loads((tmp_path / "cli" / "config.json").read_text())
+  assert saved["data"]["name"] == "koniq10k"
