@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.schedule = "multistep"  # constant for CLIVE / AGIQA, multistep for the large four
+  c.optim.schedule = "auto"  # auto: constant on CLIVE / AGIQA, multistep on the large four (§3.1)
   c.optim.milestones = (15, 25)
   c.optim.gamma = 0.2
 
