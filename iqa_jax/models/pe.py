@@ -112,8 +112,9 @@ def rope_tables(grid: tuple[int, int], head_dim: int, cfg: PEConfig) -> tuple[np
   bands = 1.0 / cfg.rope_temperature ** (np.arange(n, dtype=np.float32) / np.float32(n))
   h, w = grid
   ref_h, ref_w = cfg.ref_feat_shape
-  ys = (np.arange(h, dtype=np.float32) + np.float32(cfg.rope_grid_offset)) / np.float32(h) * np.float32(ref_h)
-  xs = (np.arange(w, dtype=np.float32) + np.float32(cfg.rope_grid_offset)) / np.float32(w) * np.float32(ref_w)
+  offset = np.float32(cfg.rope_grid_offset)
+  ys = (np.arange(h, dtype=np.float32) + offset) / np.float32(h) * np.float32(ref_h)
+  xs = (np.arange(w, dtype=np.float32) + offset) / np.float32(w) * np.float32(ref_w)
   coords = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(h * w, 2)  # (x, y)
   angles = (coords[:, :, None] * bands.astype(np.float32)).reshape(h * w, 2 * n)
   angles = np.repeat(angles, 2, axis=-1)

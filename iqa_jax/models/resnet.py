@@ -190,7 +190,8 @@ class ResNet(nn.Module):
 _BLOCK = r"encoder\.stages\.(?P<s>\d+)\.layers\.(?P<j>\d+)"
 RENAMES = [
     (r"embedder\.embedder\.(?P<m>convolution|normalization)", "embedder/{m}"),
-    (_BLOCK + r"\.shortcut\.(?P<m>convolution|normalization)", "encoder_stages_{s}_layers_{j}/shortcut/{m}"),
+    (_BLOCK + r"\.shortcut\.(?P<m>convolution|normalization)",
+     "encoder_stages_{s}_layers_{j}/shortcut/{m}"),
     (_BLOCK + r"\.layer\.(?P<k>\d)\.(?P<m>convolution|normalization)",
      "encoder_stages_{s}_layers_{j}/layer_{k}/{m}"),
 ]

@@ -301,7 +301,8 @@ class Siglip2NaflexVision(nn.Module):
 RENAMES = [
     (r"embeddings\.patch_embedding", "embeddings_patch_embedding"),
     (r"encoder\.layers\.{i}\.(?P<ln>layer_norm[12])", "encoder_layers/{ln}"),
-    (r"encoder\.layers\.{i}\.self_attn\.(?P<proj>[qkv]_proj|out_proj)", "encoder_layers/self_attn/{proj}"),
+    (r"encoder\.layers\.{i}\.self_attn\.(?P<proj>[qkv]_proj|out_proj)",
+     "encoder_layers/self_attn/{proj}"),
     (r"encoder\.layers\.{i}\.mlp\.(?P<fc>fc[12])", "encoder_layers/mlp/{fc}"),
     (r"post_layernorm", "post_layernorm"),
     (r"head\.layernorm", "head/layernorm"),
