@@ -8,6 +8,7 @@ from iqa_jax.train import resolve_schedule
 
 def test_multistep_is_x02_at_epochs_15_and_25():
   c = base_config()
+  c.optim.schedule = "multistep"
   sched = lr_schedule(1e-4, c.optim, steps_per_epoch=100)
   assert float(sched(0)) == pytest.approx(1e-4)
   assert float(sched(1499)) == pytest.approx(1e-4)
