@@ -57,12 +57,14 @@ def fit_logistic(pred, mos) -> np.ndarray:
   return beta
 
 
-def map_logistic(pred, mos) -> np.ndarray:
-  """Predictions mapped onto the MOS scale by the fitted logistic (raw ones if the fit fails)."""
+def map_logistic(pred, mos) -> np.ndarray | None:
+  """Predictions mapped onto the MOS scale by the fitted logistic; None if it cannot be fitted."""
+  if len(pred) <= 4:  # four parameters need more than four points
+    return None
   try:
     return logistic4(pred, *fit_logistic(pred, mos))
-  except (RuntimeError, ValueError):  # no convergence: report the unmapped numbers
-    return np.asarray(pred, np.float64)
+  except (RuntimeError, ValueError):  # no convergence: the *_logistic metrics become NaN
+    return None
 
 
 def compute_metrics(pred, mos) -> dict[str, float]:
@@ -73,6 +75,8 @@ def compute_metrics(pred, mos) -> dict[str, float]:
     return {"srcc": nan, "plcc": nan, "krcc": nan, "plcc_logistic": nan,
             "rmse": rmse(pred, mos) if len(pred) else nan, "rmse_logistic": nan}
   mapped = map_logistic(pred, mos)
+  fitted = mapped is not None and np.ptp(mapped) > 0
   return {"srcc": srcc(pred, mos), "plcc": plcc(pred, mos), "krcc": krcc(pred, mos),
-          "plcc_logistic": plcc(mapped, mos), "rmse": rmse(pred, mos),
-          "rmse_logistic": rmse(mapped, mos)}
+          "plcc_logistic": plcc(mapped, mos) if fitted else float("nan"),
+          "rmse": rmse(pred, mos),
+          "rmse_logistic": rmse(mapped, mos) if mapped is not None else float("nan")}

@@ -66,3 +66,9 @@ def test_constant_predictions_give_nan_correlations():
   m = metrics.compute_metrics(np.full(10, 0.5), np.linspace(0, 1, 10))
   assert np.isnan(m["srcc"]) and np.isnan(m["plcc_logistic"])
   assert m["rmse"] == pytest.approx(np.sqrt(np.mean((0.5 - np.linspace(0, 1, 10)) ** 2)))
+
+
+def test_too_few_points_for_the_logistic_give_nan_mapped_metrics():
+  m = metrics.compute_metrics([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
+  assert m["srcc"] == pytest.approx(1.0)
+  assert np.isnan(m["plcc_logistic"]) and np.isnan(m["rmse_logistic"])
