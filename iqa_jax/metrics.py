@@ -57,14 +57,22 @@ def fit_logistic(pred, mos) -> np.ndarray:
   return beta
 
 
-def map_logistic(pred, mos) -> np.ndarray | None:
-  """Predictions mapped onto the MOS scale by the fitted logistic; None if it cannot be fitted."""
+def logistic_plcc_rmse(pred, mos) -> tuple[float, float]:
+  """(PLCC, RMSE) of the logistic-mapped predictions vs MOS; NaN if the fit fails.
+
+  PLCC takes the sign of the fitted curve's direction (b1 < b2: decreasing), so an
+  anti-correlated predictor stays negative, as its raw PLCC and SRCC are.
+  """
   if len(pred) <= 4:  # four parameters need more than four points
-    return None
+    return float("nan"), float("nan")
   try:
-    return logistic4(pred, *fit_logistic(pred, mos))
-  except (RuntimeError, ValueError):  # no convergence: the *_logistic metrics become NaN
-    return None
+    beta = fit_logistic(pred, mos)
+  except (RuntimeError, ValueError):  # no convergence
+    return float("nan"), float("nan")
+  mapped = logistic4(pred, *beta)
+  if np.ptp(mapped) == 0:
+    return float("nan"), rmse(mapped, mos)
+  return float(np.sign(beta[0] - beta[1])) * plcc(mapped, mos), rmse(mapped, mos)
 
 
 def compute_metrics(pred, mos) -> dict[str, float]:
@@ -74,9 +82,6 @@ def compute_metrics(pred, mos) -> dict[str, float]:
     nan = float("nan")
     return {"srcc": nan, "plcc": nan, "krcc": nan, "plcc_logistic": nan,
             "rmse": rmse(pred, mos) if len(pred) else nan, "rmse_logistic": nan}
-  mapped = map_logistic(pred, mos)
-  fitted = mapped is not None and np.ptp(mapped) > 0
+  plcc_mapped, rmse_mapped = logistic_plcc_rmse(pred, mos)
   return {"srcc": srcc(pred, mos), "plcc": plcc(pred, mos), "krcc": krcc(pred, mos),
-          "plcc_logistic": plcc(mapped, mos) if fitted else float("nan"),
-          "rmse": rmse(pred, mos),
-          "rmse_logistic": rmse(mapped, mos) if mapped is not None else float("nan")}
+          "plcc_logistic": plcc_mapped, "rmse": rmse(pred, mos), "rmse_logistic": rmse_mapped}

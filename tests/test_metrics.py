@@ -50,7 +50,9 @@ def test_logistic_fit_on_a_decreasing_curve():
   x = np.linspace(0, 1, 100)
   mos = metrics.logistic4(x, 0.0, 1.0, 0.5, 0.1)  # b1 < b2: decreasing
   m = metrics.compute_metrics(x, mos)
-  assert m["plcc_logistic"] == pytest.approx(1.0, abs=1e-8)  # the mapped scores follow MOS
+  # The mapped scores follow MOS exactly; the sign keeps the predictor's direction.
+  assert m["plcc_logistic"] == pytest.approx(-1.0, abs=1e-8)
+  assert m["rmse_logistic"] == pytest.approx(0.0, abs=1e-6)
   assert m["srcc"] == pytest.approx(-1.0)
 
 
@@ -72,3 +74,11 @@ def test_too_few_points_for_the_logistic_give_nan_mapped_metrics():
   m = metrics.compute_metrics([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
   assert m["srcc"] == pytest.approx(1.0)
   assert np.isnan(m["plcc_logistic"]) and np.isnan(m["rmse_logistic"])
+
+
+def test_anti_correlated_predictions_stay_negative_after_the_mapping():
+  pred, mos = _noisy(seed=5)
+  m = metrics.compute_metrics(-pred, mos)
+  assert m["srcc"] < -0.9 and m["plcc_logistic"] < -0.9
+  assert m["plcc_logistic"] == pytest.approx(-metrics.compute_metrics(pred, mos)["plcc_logistic"],
+                                             abs=1e-6)
