@@ -72,12 +72,13 @@ def plot_scatter(pred, mos, path: str | Path, title: str = "") -> Path:
   fig = Figure(figsize=(5.5, 5), layout="constrained")
   ax = fig.subplots()
   ax.scatter(pred, mos, s=8, alpha=0.35, edgecolors="none", label=f"images (n={len(pred)})")
-  try:
-    beta = metrics.fit_logistic(pred, mos)
-    x = np.linspace(pred.min(), pred.max(), 200)
-    ax.plot(x, metrics.logistic4(x, *beta), "r-", lw=2, label="4-param logistic fit")
-  except (RuntimeError, ValueError):
-    pass  # constant predictions: nothing to fit
+  if len(pred) > 4 and np.ptp(pred) > 0:  # else there is no curve to fit
+    try:
+      beta = metrics.fit_logistic(pred, mos)
+      x = np.linspace(pred.min(), pred.max(), 200)
+      ax.plot(x, metrics.logistic4(x, *beta), "r-", lw=2, label="4-param logistic fit")
+    except (RuntimeError, ValueError):
+      pass  # no convergence: the points alone
   ax.set(xlabel="predicted score", ylabel="MOS (normalised)")
   ax.set_title((title + "\n" if title else "") +
                f"SRCC {m['srcc']:.3f}  PLCC {m['plcc']:.3f}  "
