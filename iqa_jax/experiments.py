@@ -116,6 +116,9 @@ def run_config(base: ml_collections.ConfigDict, dataset: DatasetSpec, head: str,
   c.data.name = dataset.name
   c.data.dir = data_dir
   for key, value in dataset.options:
+    if key not in c.data.options:
+      raise ValueError(f"{dataset.label}: no adapter option {key!r}; known: "
+                       f"{sorted(c.data.options)} (docs/datasets.md).")
     c.data.options[key] = value
   c.name = f"{dataset.slug}/{head.replace(',', '+')}/seed{seed}"
   return c

@@ -42,6 +42,9 @@ def test_run_config_sets_dataset_head_seed():
   assert c.data.options.distortions == "white_noise,jpeg"
   assert base.seed == 8 and base.data.options.distortions == ""  # the base is untouched
   assert experiments.model_label(base) == "SigLIP2 (FT, random init)"
+  with pytest.raises(ValueError, match="no adapter option 'resolutoin'"):
+    experiments.run_config(base, experiments.parse_dataset("koniq10k:resolutoin=1"), "gated", 8,
+                           "/x")
   spec = experiments.parse_dataset("clive")
   assert experiments.data_dir_for(spec, base, {"clive": "/c"}, "/root") == "/c"
   assert experiments.data_dir_for(spec, base, {}, "/root") == "/root/clive"
