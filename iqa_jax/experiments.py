@@ -279,10 +279,19 @@ def _run_one(base, dataset: DatasetSpec, head: str, seed: int, out: Path, pairs,
     if train_spec == dataset:
       evaluate_cross(workdir, test_spec, data_dir_for(test_spec, base, data_dirs, data_root),
                      {**labels, "train": dataset.label})
-  if results["status"] == "done" and plots:
+  if results["status"] == "done" and plots and _plots_stale(workdir):
     from iqa_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
     plots_lib.plot_run(workdir)
   write_results(out)
+
+
+def _plots_stale(workdir: Path) -> bool:
+  """True when a result is newer than the run's plots (so a rerun redraws only what changed)."""
+  curves = workdir / "curves.png"
+  if not curves.exists():
+    return True
+  results = [workdir / "results.json", *workdir.glob("cross/*/result.json")]
+  return max(p.stat().st_mtime for p in results if p.exists()) > curves.stat().st_mtime
 
 
 def main(argv: Sequence[str] | None = None) -> int:
