@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "nothing"  # none | nothing | dots | everything (per encoder block)
   c.model.scan = True
   c.model.attention = "auto"  # auto (cuDNN flash on GPU) | xla | cudnn
+  c.model.param_dtype = "float32"  # frozen backbone weights stored in this dtype (bfloat16: half)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "koniq10k"
@@ -63,6 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32
   c.log_grad_norm = False
   c.progress = True
+
+  # Devices (docs/parallel.md): the global batch optim.batch_size is split over all devices.
+  c.parallel = "sharded"  # sharded (jit with in/out shardings) | pmap (pmap + lax.pmean of grads)
+  c.distributed = False  # jax.distributed.initialize() first (multi-host; or IQA_JAX_DISTRIBUTED=1)
+  c.donate = True  # the train step reuses the old state's buffers
+  c.prefetch = 2  # batches copied to the devices ahead of the running step (0: on demand)
+  c.compilation_cache = ""  # persistent XLA compilation cache folder ("" off)
   return c
 
 

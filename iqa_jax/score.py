@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint
+from iqa_jax import checkpoint, parallel
 from iqa_jax.data import pp
 from iqa_jax.data.records import MOS_SCALES
 from iqa_jax.models.model import create_model
@@ -58,7 +57,9 @@ def load_run(workdir: str, which: str = "best"):
   flat, _ = checkpoint.load_params(workdir, which)
   params = checkpoint.unflatten_into(params, flat)
   pp_str = config.data.pp or pp.native_pp(preprocessing, size=config.data.image_size or None)
-  return config, jax.jit(make_eval_step(model)), params, pp_str
+  mesh = parallel.make_mesh()  # scoring batches split over all devices
+  return (config, parallel.jit_eval_step(make_eval_step(model), mesh),
+          parallel.put_replicated(params, mesh), pp_str)
 
 
 def _done_paths(out: str) -> set[str]:

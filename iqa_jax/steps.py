@@ -33,12 +33,20 @@ def merge_params(a, b):
 
 def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_accum: int = 1,
                     margin_lambda: float = 0.25, margin_weight: float = 1.0,
-                    with_grad_norm: bool = False) -> Callable:
-  """-> train_step(state, batch) -> (state, metrics); batch holds 'image' and 'mos'."""
+                    with_grad_norm: bool = False, micro_batched: bool = False,
+                    axis_name: str | None = None) -> Callable:
+  """-> train_step(state, batch) -> (state, metrics); batch holds 'image' and 'mos'.
+
+  micro_batched: the batch is already (grad_accum, micro, ...), as parallel.put_batch lays it out.
+  axis_name: inside pmap over that axis; the loss sees the whole micro-batch, grads are pmean'd.
+  """
 
   def loss_fn(trainable, frozen, images, mos, weight, rng):
     params = merge_params(trainable, frozen)
     pred, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    if axis_name:  # the pairwise margin loss (Eq. 1) spans all devices' shares of the micro-batch
+      gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+      pred, mos, weight = gather(pred), gather(mos), gather(weight)
     loss, parts = iqa_loss(pred, mos, margin_lambda, margin_weight, weight)
     return loss, parts
 
@@ -47,10 +55,12 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
   def train_step(state: TrainState, batch):
     trainable, frozen = split_params(state.params, labels)
     step_rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name:
+      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     images, mos = batch["image"], batch["mos"]
     weight = batch.get("valid", jnp.ones(mos.shape, bool)).astype(jnp.float32)
     k = grad_accum
-    micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+    micro = lambda x: x if micro_batched else x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     def one(carry, xs):
       g_sum, l_sum, parts_sum = carry
@@ -61,12 +71,16 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, jnp.zeros(()), {"mse": jnp.zeros(()), "margin": jnp.zeros(())})
-    if k == 1:
+    if k == 1 and not micro_batched:
       (grads, loss, parts), _ = one(init, (0, images, mos, weight))
+    elif k == 1:
+      (grads, loss, parts), _ = one(init, (0, images[0], mos[0], weight[0]))
     else:
       (grads, loss, parts), _ = jax.lax.scan(
           one, init, (jnp.arange(k), micro(images), micro(mos), micro(weight)))
     grads = jax.tree.map(lambda g: g / k, grads)
+    if axis_name:  # all_gather's transpose sums D equal cotangents: the mean is the batch grad
+      grads = jax.lax.pmean(grads, axis_name)
     # Frozen leaves get zero grads that optax.set_to_zero discards; XLA drops them entirely.
     full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)

@@ -7,6 +7,7 @@ resumes after the last finished epoch.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, metrics
+from iqa_jax import checkpoint, metrics, parallel
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.models.model import create_model
 from iqa_jax.optim import make_optimizer
@@ -91,6 +92,8 @@ def load_data(config, workdir: Path):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) one training run; returns and writes `results.json`."""
+  parallel.initialize_distributed(config.get("distributed", False))
+  parallel.enable_compilation_cache(config.get("compilation_cache", ""))
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -103,6 +106,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(train_recs) < optim.batch_size:
     raise ValueError(f"Only {len(train_recs)} training images for batch size {optim.batch_size}; "
                      f"lower --config.optim.batch_size")
+  mesh, mode = parallel.make_mesh(), config.get("parallel", "sharded")
+  parallel.check_batch_size(optim.batch_size, optim.grad_accum, mesh)
+  host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
 
   model, params, preprocessing = create_model(config)
   pp_str = preprocess_string(config, preprocessing)
@@ -114,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cache = config.data.cache or None
   loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
                    shard_count=jax.process_count(), cache=cache)
-  steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, optim.batch_size,
+  steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, host_batch,
                                                    seed=config.seed, epoch=0, **loader_kw))
   schedule = resolve_schedule(config)
   tx, labels = make_optimizer(_with_schedule(config, schedule), params, steps_per_epoch)
@@ -137,24 +143,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _log(f"resume: from epoch {start_epoch} (step {int(state.step)}), best SRCC "
          f"{best['srcc']:.4f}")
 
-  train_step = jax.jit(make_train_step(model, tx, labels, grad_accum=optim.grad_accum,
-                                       margin_lambda=config.loss.margin_lambda,
-                                       margin_weight=config.loss.margin_weight,
-                                       with_grad_norm=config.log_grad_norm), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(model))
+  state = parallel.put_state(state, labels, mesh, config.model.get("param_dtype"))
+  train_step = parallel.jit_train_step(functools.partial(
+      make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
+      margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
+      with_grad_norm=config.log_grad_norm), mesh, mode, donate=config.get("donate", True))
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
+  put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode, grad_accum=optim.grad_accum,
+                          keys=("image", "mos"))
   val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
                                          workers=config.data.workers, cache=cache)
   val_mos = np.array([r.mos for r in val_recs])
 
   for epoch in range(start_epoch, optim.epochs):
     t0 = time.time()
-    loader = pipeline.make_train_loader(train_recs, pp_str, optim.batch_size, seed=config.seed,
+    loader = pipeline.make_train_loader(train_recs, pp_str, host_batch, seed=config.seed,
                                         epoch=epoch, **loader_kw)
     bar = _progress(len(loader) * optim.batch_size, f"epoch {epoch + 1}/{optim.epochs}",
                     config.progress)
     step_metrics = []
-    for batch in loader:
-      state, m = train_step(state, {"image": batch["image"], "mos": batch["mos"]})
+    for batch in parallel.prefetch_to_device(loader, put, config.get("prefetch", 2)):
+      state, m = train_step(state, batch)
       step_metrics.append(m)  # stays on device: no host sync inside the loop
       bar.update(optim.batch_size)
       if len(step_metrics) % 20 == 0:  # logging is the one place that syncs

@@ -1,0 +1,197 @@
+"""Data parallelism over a 1-D 'data' mesh: batches split over devices, parameters replicated.
+
+config.parallel picks how the train step runs on the mesh:
+  "sharded" (default): `jax.jit` with explicit in/out shardings; XLA inserts the gradient
+             all-reduce (GSPMD).
+  "pmap":    `jax.pmap` of the per-device step with `lax.pmean` of the gradients.
+Both take and return the same replicated TrainState, so evaluation, checkpoints and scoring do
+not care which one trained. The global batch (config.optim.batch_size) is split over all
+devices of all processes; docs/parallel.md has the arithmetic and the multi-host launch.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+from typing import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+MODES = ("sharded", "pmap")
+
+
+def initialize_distributed(enabled: bool = False) -> None:
+  """`jax.distributed.initialize()` when asked: config.distributed or IQA_JAX_DISTRIBUTED=1.
+
+  The cluster is auto-detected (SLURM, Open MPI, TPU pods) or read from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Call before anything touches a device.
+  """
+  if not (enabled or os.environ.get("IQA_JAX_DISTRIBUTED") == "1"):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kw = {}
+  if "JAX_NUM_PROCESSES" in os.environ:
+    kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if "JAX_PROCESS_ID" in os.environ:
+    kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kw)
+
+
+def enable_compilation_cache(path: str, min_compile_s: float = 1.0) -> None:
+  """Persistent XLA compilation cache in `path` ('' leaves it off): reruns skip compiling."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+  """Each micro-batch (batch / grad_accum) must split evenly over the devices."""
+  if batch_size % (grad_accum * mesh.size):
+    raise ValueError(
+        f"config.optim.batch_size={batch_size} must be a multiple of config.optim.grad_accum="
+        f"{grad_accum} x {mesh.size} devices: each micro-batch is split over the devices "
+        f"(docs/parallel.md). Change the batch size or grad_accum, or run on fewer devices "
+        f"(CUDA_VISIBLE_DEVICES).")
+
+
+def process_batch_size(batch_size: int) -> int:
+  """This process's share of the global batch (its loader's batch size)."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"config.optim.batch_size={batch_size} does not split over "
+                     f"{jax.process_count()} processes")
+  return batch_size // jax.process_count()
+
+
+def put_replicated(tree, mesh: Mesh):
+  """A copy of `tree` on every device of the mesh (params, optimizer state). Never an alias:
+  donating the copy to a train step leaves `tree` intact."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    # device_put may reuse a source buffer for one replica even with may_alias=False.
+    tree = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
+    return jax.device_put(tree, sharding)
+  # Multi-host: every process holds the same values; each fills its own devices.
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree)
+
+
+def cast_frozen(params, labels, dtype: str | None):
+  """Frozen float leaves stored once in `dtype` (e.g. bfloat16): half the memory, no casts per
+  step. Trainable leaves keep float32 (App. B.1). None or 'float32' changes nothing."""
+  if not dtype or jnp.dtype(dtype) == jnp.float32:
+    return params
+  cast = lambda p, l: (p.astype(dtype) if l == "frozen" and jnp.issubdtype(p.dtype, jnp.floating)
+                       else p)
+  return jax.tree.map(cast, params, labels)
+
+
+def put_state(state, labels, mesh: Mesh, frozen_dtype: str | None = None):
+  """TrainState -> replicated on the mesh, frozen weights in `frozen_dtype`."""
+  state = state.replace(params=cast_frozen(state.params, labels, frozen_dtype))
+  return put_replicated(state, mesh)
+
+
+def _local_mesh(mesh: Mesh) -> Mesh:
+  return mesh.local_mesh if jax.process_count() > 1 else mesh
+
+
+def put_batch(batch: dict, mesh: Mesh, *, mode: str = "sharded", grad_accum: int = 1,
+              keys: Iterable[str] | None = None) -> dict:
+  """This process's host batch -> device arrays of shape (grad_accum, micro, ...).
+
+  Micro-batch j is the j-th contiguous slice of the batch, as on one device; its examples are
+  split over the 'data' axis. "sharded": one global array whose micro axis spans all processes'
+  batches. "pmap": (grad_accum, local devices, per device, ...) on this process's devices.
+  """
+  keys = batch.keys() if keys is None else keys
+  out = {}
+  for key in keys:
+    x = np.asarray(batch[key])
+    x = x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:])
+    if mode == "pmap":
+      local = _local_mesh(mesh)
+      x = x.reshape((grad_accum, local.size, x.shape[1] // local.size) + x.shape[2:])
+      out[key] = jax.device_put(x, NamedSharding(local, P(None, AXIS)))
+    else:
+      out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, AXIS)), x)
+  return out
+
+
+def prefetch_to_device(batches: Iterable[dict], put: Callable[[dict], dict],
+                       size: int = 2) -> Iterator[dict]:
+  """Yields put(batch) while the next `size` batches are already on their way to the devices
+  (device_put is asynchronous), so host-to-device copies overlap the running step."""
+  it = iter(batches)
+  queue = collections.deque(put(b) for b in itertools.islice(it, size))
+  for b in it:
+    queue.append(put(b))
+    yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "sharded",
+                   donate: bool = True) -> Callable:
+  """-> step(state, batch) -> (state, metrics) on the mesh, batch from `put_batch(mode=mode)`.
+
+  `make_step(**kw)` builds the per-step function (e.g. a partial of steps.make_train_step); it
+  gets micro_batched=True, and axis_name in pmap mode. State and metrics come back replicated.
+  """
+  if mode not in MODES:
+    raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
+  rep = replicated(mesh)
+  donate_argnums = (0,) if donate else ()
+  if mode == "sharded":
+    return jax.jit(make_step(micro_batched=True), donate_argnums=donate_argnums,
+                   in_shardings=(rep, NamedSharding(mesh, P(None, AXIS))),
+                   out_shardings=(rep, rep))
+  pmapped = jax.pmap(make_step(micro_batched=True, axis_name=AXIS), AXIS, in_axes=(None, 1),
+                     out_axes=None, donate_argnums=donate_argnums, devices=list(mesh.devices.flat))
+  if jax.process_count() == 1:
+    return pmapped
+
+  def step(state, batch):
+    # pmap hands multi-host outputs back as per-process arrays; keep the state global.
+    from jax.experimental import multihost_utils
+    state, metrics = pmapped(state, batch)
+    return multihost_utils.host_local_array_to_global_array(state, mesh, P()), metrics
+  return step
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+  """-> fn(params, images) -> scores, the batch split over the mesh (both modes).
+
+  Every process passes the same whole batch (eval loaders are not sharded) and gets every score.
+  A batch that does not divide over the devices is zero-padded and the padding dropped.
+  """
+  data, rep = NamedSharding(mesh, P(AXIS)), replicated(mesh)
+  jitted = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
+
+  def run(params, images):
+    n = images.shape[0]
+    if isinstance(images, jax.Array) and n % mesh.size == 0:
+      return jitted(params, images)
+    images = np.asarray(images)
+    pad = -n % mesh.size
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    x = jax.make_array_from_callback(images.shape, data, lambda idx: images[idx])
+    scores = jitted(params, x)
+    return scores[:n] if pad else scores
+
+  run.jitted = jitted
+  return run
