@@ -1,0 +1,308 @@
+"""Train and inference throughput on random weights (nothing is downloaded; issue 6).
+
+python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 32
+python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 8 --tiny          # runs on CPU
+python -m iqa_jax.bench --config configs/siglip2_gated.py --set model.remat=dots --set donate=False
+python -m iqa_jax.bench --config configs/siglip2_gated.py --vs-torch scratch/torch_reference.py
+
+Prints train img/s, inference img/s, peak device memory, compile time and TFLOP/s, then one
+`BENCH_JSON {...}` line. `--set KEY=VALUE` overrides a config field (the levers: model.remat,
+model.attention, model.param_dtype, parallel, donate, prefetch, compilation_cache). `--vs-torch`
+first runs the paper's PyTorch stack (../shared/anchors/torch_reference.py) in a subprocess,
+where torch with CUDA is present, and prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# The anchors' --tiny tower (torch_reference.py), small enough for a CPU.
+TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, patch_size=16, image_size=64)
+# Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
+# activation gradients (one more forward's worth), full fine-tuning weight gradients too.
+TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
+
+
+def load_config(spec: str):
+  """'configs/x.py:arg' -> get_config(arg), as `--config` of train.py reads it."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def apply_override(config, item: str) -> None:
+  """'model.remat=dots' -> config.model.remat = 'dots' (Python literals parsed)."""
+  key, _, text = item.partition("=")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *parents, leaf = key.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  node[leaf] = value
+
+
+def siglip_forward_flops(cfg, size: int) -> float:
+  """Matmul FLOPs of one image through a SigLIP tower and its MAP head (2 per multiply-add)."""
+  d, m, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
+  t = (size // p) ** 2
+  patch = 2 * t * (p * p * 3) * d
+  layer = 2 * t * (4 * d * d + 2 * d * m) + 2 * 2 * t * t * d  # projections, MLP, QK^T and AV
+  head = 2 * (2 * t * d * d + 2 * d * d + 2 * d * m) + 2 * 2 * t * d if cfg.vision_use_head else 0
+  return patch + cfg.num_hidden_layers * layer + head
+
+
+def _xla_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def _compiled_bytes(compiled) -> int | None:
+  """What the compiled program asks of one device: arguments + outputs + scratch - aliased."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001
+    return None
+
+
+def _peak_bytes() -> int | None:
+  import jax
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def _timed(fn, n: int) -> float:
+  import jax
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(n):
+    out = fn()
+  jax.block_until_ready(out)
+  return time.perf_counter() - t0
+
+
+def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
+        feed: str = "device", host_sync: bool = False) -> dict:
+  """Times the train step and the eval step of `config` on random weights and images."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from iqa_jax import parallel
+  from iqa_jax.models.model import create_model
+  from iqa_jax.optim import make_optimizer
+  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+
+  parallel.enable_compilation_cache(config.get("compilation_cache", ""), min_compile_s=0.0)
+  config.model.init = None
+  model, params, preprocessing = create_model(config)
+  size = config.data.image_size or preprocessing["crop"] or preprocessing["size"]
+  accum, mode = config.optim.grad_accum, config.get("parallel", "sharded")
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch, accum, mesh)
+  if infer_batch % mesh.size:
+    raise ValueError(f"--infer-batch {infer_batch} must split over {mesh.size} devices")
+  tx, labels = make_optimizer(config, params, steps_per_epoch=1000)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(0))
+  state = parallel.put_state(state, labels, mesh, config.model.get("param_dtype"))
+  del params
+  train_step = parallel.jit_train_step(functools.partial(
+      make_train_step, model, tx, labels, grad_accum=accum,
+      margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight),
+      mesh, mode, donate=config.get("donate", True))
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
+          "mos": rng.uniform(size=batch).astype(np.float32)}
+  put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode, grad_accum=accum)
+  device_batch = put(host)
+
+  t0 = time.perf_counter()
+  xla_train = train_bytes = None
+  if mode == "sharded":
+    compiled = train_step.lower(state, device_batch).compile()
+    train_compile = time.perf_counter() - t0
+    xla_train, train_bytes = _xla_flops(compiled), _compiled_bytes(compiled)
+    train_step = compiled
+  else:  # pmap: its first call compiles (and runs one step)
+    state, m = train_step(state, device_batch)
+    jax.block_until_ready(m)
+    train_compile = time.perf_counter() - t0
+
+  box = {"state": state}
+
+  def one_step(b):
+    box["state"], m = train_step(box["state"], b)
+    if host_sync:  # what a per-step float(loss) costs
+      float(m["loss"])
+    return m
+
+  _timed(lambda: one_step(device_batch), warmup)
+  if feed == "device":  # the batch stays on the devices, as in torch_reference.py
+    train_s = _timed(lambda: one_step(device_batch), steps)
+  else:  # a new host batch per step through the prefetch-to-device iterator
+    t0 = time.perf_counter()
+    m = None
+    for b in parallel.prefetch_to_device((host for _ in range(steps)), put,
+                                         config.get("prefetch", 2)):
+      m = one_step(b)
+    jax.block_until_ready(m)
+    train_s = time.perf_counter() - t0
+  jax.block_until_ready(box["state"])
+  train_peak = _peak_bytes()
+  loss = float(one_step(device_batch)["loss"])
+
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
+  images = rng.standard_normal((infer_batch, size, size, 3), np.float32)
+  x = jax.make_array_from_callback(images.shape, NamedSharding(mesh, P(parallel.AXIS)),
+                                   lambda idx: images[idx])
+  params = box["state"].params
+  t0 = time.perf_counter()
+  compiled_eval = eval_fn.jitted.lower(params, x).compile()
+  infer_compile = time.perf_counter() - t0
+  _timed(lambda: compiled_eval(params, x), warmup)
+  infer_s = _timed(lambda: compiled_eval(params, x), steps)
+
+  fwd = (siglip_forward_flops(model.backbone.cfg, size)
+         if hasattr(model.backbone, "cfg") and hasattr(model.backbone.cfg, "hidden_size")
+         else None)
+  train_ips, infer_ips = batch * steps / train_s, infer_batch * steps / infer_s
+  finetune = config.model.finetune
+  tflops = lambda f, ips: None if f is None else f * ips / 1e12
+  xla_eval = _xla_flops(compiled_eval)
+  devices = jax.devices()
+  return {
+      "device": f"{len(devices)} x {devices[0].device_kind}", "platform": devices[0].platform,
+      "parallel": mode, "batch": batch, "grad_accum": accum, "infer_batch": infer_batch,
+      "image_size": size, "steps": steps, "feed": feed, "finetune": finetune,
+      "dtype": config.model.dtype, "param_dtype": config.model.get("param_dtype", "float32"),
+      "remat": config.model.remat, "attention": config.model.attention,
+      "donate": config.get("donate", True), "train_img_s": train_ips,
+      "infer_img_s": infer_ips, "train_step_ms": 1e3 * train_s / steps,
+      "train_compile_s": train_compile, "infer_compile_s": infer_compile,
+      "train_peak_mib": None if train_peak is None else train_peak / 2**20,
+      "peak_mib": None if _peak_bytes() is None else _peak_bytes() / 2**20,
+      "train_compiled_mib": None if train_bytes is None else train_bytes / 2**20,
+      "forward_gflop_per_img": None if fwd is None else fwd / 1e9,
+      "train_tflops": tflops(None if fwd is None else fwd * TRAIN_FORWARDS[finetune], train_ips),
+      "infer_tflops": tflops(fwd, infer_ips),
+      "xla_train_tflops": None if xla_train is None else xla_train * steps / train_s / 1e12,
+      "xla_infer_tflops": None if xla_eval is None else xla_eval * steps / infer_s / 1e12,
+      "loss": loss,
+  }
+
+
+def torch_reference(path: str, batch: int, infer_batch: int, steps: int, tiny: bool,
+                    compile_: bool = False) -> dict | None:
+  """The PyTorch anchor in a subprocess, where torch sees a CUDA device; None otherwise."""
+  probe = subprocess.run([sys.executable, "-c", "import torch, sys; "
+                          "sys.exit(0 if torch.cuda.is_available() else 3)"],
+                         capture_output=True, text=True)
+  if probe.returncode != 0:
+    return None
+  cmd = [sys.executable, path, "--batch", str(batch), "--infer-batch", str(infer_batch),
+         "--steps", str(steps)] + ["--tiny"] * tiny + ["--compile"] * compile_
+  p = subprocess.run(cmd, capture_output=True, text=True)
+  if p.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v, unit: str = "", digits: int = 1) -> str:
+  return "n/a" if v is None else f"{v:,.{digits}f}{unit}"
+
+
+def report(r: dict, ref: dict | None = None) -> None:
+  print(f"device     {r['device']}, parallel {r['parallel']}; {r['finetune']}, dtype {r['dtype']}"
+        f" (frozen weights {r['param_dtype']}), remat {r['remat']}, attention {r['attention']}"
+        f", donate {r['donate']}, {r['image_size']}px")
+  print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
+        f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")
+  print(f"inference  batch {r['infer_batch']}: {_fmt(r['infer_img_s'])} img/s")
+  peak = (_fmt(r["train_peak_mib"], " MiB") if r["train_peak_mib"] is not None else
+          f"n/a on {r['platform']} (compiled train step needs "
+          f"{_fmt(r['train_compiled_mib'], ' MiB')} per device)")
+  print(f"memory     peak device memory in training: {peak}")
+  print(f"compile    train {_fmt(r['train_compile_s'], ' s', 2)}, "
+        f"inference {_fmt(r['infer_compile_s'], ' s', 2)}")
+  print(f"TFLOP/s    train {_fmt(r['train_tflops'], '', 3)}, inference "
+        f"{_fmt(r['infer_tflops'], '', 3)} (model FLOPs, {_fmt(r['forward_gflop_per_img'], '', 4)}"
+        f" GFLOP/img forward); XLA-counted train {_fmt(r['xla_train_tflops'], '', 3)}, "
+        f"inference {_fmt(r['xla_infer_tflops'], '', 3)}")
+  if ref is not None:
+    mem = ref.get("train_peak_mib")
+    print(f"torch      {ref['device']}, compile {ref['compile']}: train "
+          f"{ref['train_img_s']} img/s, inference {ref['infer_img_s']} img/s"
+          + (f", peak {mem} MiB" if mem else ""))
+    print(f"ratio      train {r['train_img_s'] / ref['train_img_s']:.2f}x, inference "
+          f"{r['infer_img_s'] / ref['infer_img_s']:.2f}x"
+          + (f", memory {r['train_peak_mib'] / mem:.2f}x" if mem and r["train_peak_mib"] else ""))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m iqa_jax.bench", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="configs/siglip2_gated.py", help="config file[:arg]")
+  ap.add_argument("--batch", type=int, default=32, help="global train batch")
+  ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+  ap.add_argument("--infer-batch", type=int, default=64)
+  ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--tiny", action="store_true", help="the anchors' tiny tower, for CPUs")
+  ap.add_argument("--feed", default="device", choices=("device", "host"),
+                  help="device: one batch kept on the devices; host: a host batch per step")
+  ap.add_argument("--host-sync", action="store_true", help="read the loss back every step")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override, e.g. model.remat=dots (repeatable)")
+  ap.add_argument("--vs-torch", default=None, metavar="PATH", help="torch_reference.py to compare")
+  ap.add_argument("--torch-compile", action="store_true", help="pass --compile to the reference")
+  a = ap.parse_args(argv)
+
+  config = load_config(a.config)
+  config.model.init = None
+  config.optim.batch_size, config.optim.grad_accum = a.batch, a.grad_accum
+  config.optim.schedule = "constant"  # "auto" needs a dataset; the lr does not change the speed
+  if a.tiny:
+    config.model.arch = dict(TINY_ARCH)
+    config.data.image_size = TINY_ARCH["image_size"]
+  for item in a.set:
+    apply_override(config, item)
+
+  ref = None
+  if a.vs_torch:  # before JAX takes the GPU's memory
+    if not Path(a.vs_torch).is_file():
+      print(f"error: --vs-torch {a.vs_torch}: no such file", file=sys.stderr)
+      return 2
+    ref = torch_reference(a.vs_torch, a.batch, a.infer_batch, a.steps, a.tiny, a.torch_compile)
+    if ref is None:
+      print("torch      skipped: torch with CUDA is not present here")
+  r = run(config, a.batch, a.infer_batch, a.steps, a.warmup, a.feed, a.host_sync)
+  report(r, ref)
+  if ref is not None:
+    r["torch"] = ref
+  print("BENCH_JSON " + json.dumps(r), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

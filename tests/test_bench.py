@@ -1,0 +1,37 @@
+"""The --tiny benchmark runs on CPU and prints its figures; its FLOP count against worked numbers."""
+import json
+
+import pytest
+
+from iqa_jax import bench
+from iqa_jax.models.siglip import VARIANTS, SiglipConfig
+
+
+def test_forward_flops_match_the_anchor_and_a_hand_count():
+  # anchors/README.md: SigLIP2-SO400M@512 forward is about 0.97 TFLOP per image.
+  assert bench.siglip_forward_flops(VARIANTS["so400m/16@512"], 512) / 1e12 == pytest.approx(
+      0.97, abs=0.015)
+  # Tiny tower by hand: 16 tokens; patch 2*16*768*64, per layer 2*16*(4*64^2 + 2*64*128)
+  # + 4*16^2*64, MAP head 2*(2*16*64^2 + 2*64^2 + 2*64*128) + 4*16*64.
+  tiny = SiglipConfig(**bench.TINY_ARCH)
+  assert bench.siglip_forward_flops(tiny, 64) == 1_572_864 + 2 * 1_114_112 + 315_392
+
+
+def test_tiny_bench_prints_its_figures(capsys, tmp_path):
+  reference = tmp_path / "torch_reference.py"
+  reference.write_text("raise SystemExit('must not run without CUDA')\n")
+  assert bench.main(["--config", "configs/siglip2_gated.py", "--batch", "8", "--infer-batch", "8",
+                     "--steps", "2", "--warmup", "1", "--tiny",
+                     "--vs-torch", str(reference)]) == 0
+  out = capsys.readouterr().out
+  for label in ("train ", "inference ", "memory ", "compile ", "TFLOP/s ", "torch "):
+    assert f"\n{label}" in "\n" + out, out
+  r = json.loads(out.split("BENCH_JSON ", 1)[1])
+  assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+  assert r["train_compile_s"] > 0 and r["infer_compile_s"] > 0
+  assert r["batch"] == 8 and r["image_size"] == 64 and r["finetune"] == "lora"
+  assert r["train_tflops"] > 0 and r["forward_gflop_per_img"] == pytest.approx(0.00411648)
+  # XLA's own count of the compiled eval step agrees with the analytic one.
+  assert r["xla_infer_tflops"] / r["infer_tflops"] == pytest.approx(1.0, abs=0.3)
+  assert r["train_peak_mib"] is not None or r["train_compiled_mib"] > 0
+  assert "torch" not in r  # no CUDA here: the reference is skipped, not run
