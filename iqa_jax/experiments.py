@@ -1,13 +1,16 @@
-"""The run matrix: datasets x heads x seeds (App. B: seeds 8, 19, 25), plus cross-dataset pairs.
+r"""The run matrix: datasets x heads x seeds (App. B: seeds 8, 19, 25), plus cross-dataset pairs.
 
 python -m iqa_jax.experiments --config configs/siglip2_gated.py --datasets clive,koniq10k \
-    --seeds 8,19,25 --heads baseline,sigmoid,gated --cross clive:koniq10k --data_root /data --out DIR
+    --seeds 8,19,25 --heads baseline,sigmoid,gated --cross clive:koniq10k --data_root /data \
+    --out DIR
 
 A dataset is NAME or NAME:OPTION (`demo:gaussian_blur+pixelate` keeps two distortion families,
 `koniq10k:512x384` picks a resolution); a head is a named head or an activation pair
-(`sigmoid+gelu`, Table 6). Each run trains in DIR/runs/<dataset>/<head>/seed<N>; finished runs
-are skipped and killed ones resume. Every run and cross evaluation is one row of
-DIR/results.jsonl, and the tables (iqa_jax.report) and plots (iqa_jax.plots) are written at the end.
+(`sigmoid+gelu`, Table 6). A cross pair is TRAIN:TEST, split after a --datasets label
+(`demo:gaussian_blur+pixelate:demo:white_noise+jpeg` works). Each run trains in
+DIR/runs/<dataset>/<head>/seed<N>; finished runs are skipped and killed ones resume. Every run
+and cross evaluation is one row of DIR/results.jsonl; the tables (iqa_jax.report) and plots
+(iqa_jax.plots) are written at the end.
 """
 from __future__ import annotations
 
@@ -242,11 +245,11 @@ def run_matrix(base: ml_collections.ConfigDict, dataset_specs: Sequence[str], se
 
   compile_cache: folder of the persistent XLA cache ('' -> out/jax_cache, None -> off).
   """
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
   specs = [parse_dataset(d) for d in dataset_specs]
   heads = [parse_head(h) for h in heads]
   pairs = [parse_cross(p, specs) for p in cross]
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
   cache = None if compile_cache is None else (compile_cache or out / "jax_cache")
   with persistent_compile_cache(cache):
     for dataset in specs:
@@ -318,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flag_values=fv)
   flags.DEFINE_string("compile_cache", "", "XLA cache folder (default OUT/jax_cache; 'none': off)",
                       flag_values=fv)
+  if {"-h", "--help", "--helpfull"} & set(argv):
+    print(__doc__ + "\n" + fv.get_help())
+    return 0
   try:
     fv(argv)
     if fv.config is None or not fv.out:

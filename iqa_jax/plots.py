@@ -31,7 +31,8 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
   epochs = [h["epoch"] + 1 for h in history]
   fig = Figure(figsize=(10, 4), layout="constrained")
   ax_loss, ax_val = fig.subplots(1, 2)
-  ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:red", label="train loss")
+  ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:red",
+               label="train loss")
   ax_loss.set(xlabel="epoch", ylabel="loss (Eq. 2)", title="training loss")
   if all("grad_norm" in h for h in history) and history:
     ax_norm = ax_loss.twinx()

@@ -109,7 +109,8 @@ def dataset_table(rows: list[dict], table: str, which: str = "best") -> Table:
   """Tables 1, 2, 6 (means) and S2 (std): one row per model and head, SRCC / PLCC per dataset."""
   runs = [r for r in rows if r.get("kind", "run") == "run"]
   if table == "1":
-    runs = [r for r in runs if resolve_head(r["head"]) in (("lrelu", "lrelu"), ("sigmoid", "lrelu"))]
+    baseline_or_sig = (("lrelu", "lrelu"), ("sigmoid", "lrelu"))
+    runs = [r for r in runs if resolve_head(r["head"]) in baseline_or_sig]
   elif table == "2":
     runs = [r for r in runs if resolve_head(r["head"]) == ("gated", "gated")]
   data = _ordered(r["dataset"] for r in runs)
@@ -147,7 +148,8 @@ def dataset_table(rows: list[dict], table: str, which: str = "best") -> Table:
     columns += ["Average SRCC", "Average PLCC"]
   note = _seeds_note(groups["srcc"]) if groups["srcc"] else "no runs"
   titles = {
-      "1": "Table 1: SRCC / PLCC (raw) with the baseline head; ✓: first activation Sigmoid (+Sig)",
+      "1": "Table 1: SRCC / PLCC (raw) with the baseline head; ✓: first activation Sigmoid "
+           "(+Sig)",
       "2": "Table 2: SRCC / PLCC (raw) with the channel-wise gated head (Eq. 3)",
       "6": "Table 6: activation pairs of the head (Act1 for the first hidden layer, Act2 for the "
            "second), SRCC / PLCC (raw)",

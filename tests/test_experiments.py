@@ -141,3 +141,13 @@ def test_nan_run_is_recorded_failed_skipped_and_shown_as_a_dash(tmp_path, monkey
                          compile_cache=None, retry_failed=True)
   assert calls == [8, 19, 19]
   assert np.isnan(report.run_value(rows[1], "best", "srcc"))
+
+
+def test_cli_help_and_usage_errors(capsys, tmp_path):
+  assert experiments.main(["experiments", "--help"]) == 0
+  assert "--cross" in capsys.readouterr().out
+  assert experiments.main(["experiments", "--config", "configs/demo.py"]) == 2  # no --out
+  assert experiments.main(["experiments", "--config", "configs/demo.py", "--out", str(tmp_path / "m"),
+                           "--datasets", "demo:blurry"]) == 2
+  assert "unknown demo distortion" in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()

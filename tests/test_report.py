@@ -62,7 +62,8 @@ def test_table_s2_is_the_sample_std_over_seeds():
   t = report.make_table(_rows(), "S2")
   assert [r[0] for r in t.rows] == ["SigLIP2", "SigLIP2 + Sigmoid", "SigLIP2 + Activation Gating"]
   assert t.rows[2][1] == pytest.approx(np.std([0.85, 0.88, 0.91], ddof=1))
-  assert "| SigLIP2 + Activation Gating | .0300 | .0300 | <.0001 | <.0001 |" in report.to_markdown(t)
+  md = report.to_markdown(t)
+  assert "| SigLIP2 + Activation Gating | .0300 | .0300 | <.0001 | <.0001 |" in md
 
 
 def test_table3_cross_means_and_s4_stds():
