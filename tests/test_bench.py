@@ -1,4 +1,4 @@
-"""The --tiny benchmark runs on CPU and prints its figures; its FLOP count against worked numbers."""
+"""The --tiny benchmark runs on CPU and prints its figures; its FLOP count vs worked numbers."""
 import json
 
 import pytest
