@@ -66,13 +66,14 @@ def siglip_forward_flops(cfg, size: int) -> float:
   return patch + cfg.num_hidden_layers * layer + head
 
 
-def _xla_flops(compiled) -> float | None:
+def _xla_flops(compiled, devices: int) -> float | None:
+  """XLA's FLOP count of a compiled step, all devices (it counts one device's SPMD program)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - not every backend reports it
     return None
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  return float(cost["flops"]) if cost and cost.get("flops") else None
+  return float(cost["flops"]) * devices if cost and cost.get("flops") else None
 
 
 def _compiled_bytes(compiled) -> int | None:
@@ -142,7 +143,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   if mode == "sharded":
     compiled = train_step.lower(state, device_batch).compile()
     train_compile = time.perf_counter() - t0
-    xla_train, train_bytes = _xla_flops(compiled), _compiled_bytes(compiled)
+    xla_train, train_bytes = _xla_flops(compiled, mesh.size), _compiled_bytes(compiled)
     train_step = compiled
   else:  # pmap: its first call compiles (and runs one step)
     state, m = train_step(state, device_batch)
@@ -189,7 +190,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   train_ips, infer_ips = batch * steps / train_s, infer_batch * steps / infer_s
   finetune = config.model.finetune
   tflops = lambda f, ips: None if f is None else f * ips / 1e12
-  xla_eval = _xla_flops(compiled_eval)
+  xla_eval = _xla_flops(compiled_eval, mesh.size)
   devices = jax.devices()
   return {
       "device": f"{len(devices)} x {devices[0].device_kind}", "platform": devices[0].platform,
@@ -239,9 +240,11 @@ def report(r: dict, ref: dict | None = None) -> None:
   print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
         f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")
   print(f"inference  batch {r['infer_batch']}: {_fmt(r['infer_img_s'])} img/s")
-  peak = (_fmt(r["train_peak_mib"], " MiB") if r["train_peak_mib"] is not None else
-          f"n/a on {r['platform']} (compiled train step needs "
-          f"{_fmt(r['train_compiled_mib'], ' MiB')} per device)")
+  peak = f"n/a on {r['platform']}"
+  if r["train_peak_mib"] is not None:
+    peak = _fmt(r["train_peak_mib"], " MiB")
+  elif r["train_compiled_mib"] is not None:
+    peak += f" (compiled train step needs {_fmt(r['train_compiled_mib'], ' MiB')} per device)"
   print(f"memory     peak device memory in training: {peak}")
   print(f"compile    train {_fmt(r['train_compile_s'], ' s', 2)}, "
         f"inference {_fmt(r['infer_compile_s'], ' s', 2)}")
