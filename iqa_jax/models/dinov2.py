@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iqa_jax.models import hf_io
+from iqa_jax.models import hf_io, tower
 from iqa_jax.models.attention import attention
 from iqa_jax.models.lora import LoraDense
 from iqa_jax.models.posemb import resample_grid
@@ -24,11 +24,6 @@ ACT = {
     "silu": jax.nn.silu,
 }
 
-REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +159,7 @@ class Dinov2(nn.Module):
     layer = Layer
     if self.remat != "none":
       layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(2,),
-                       policy=REMAT_POLICIES[self.remat])
+                       policy=tower.REMAT_POLICIES[self.remat])
     deterministic = not train
     if self.scan:
       layers = nn.scan(layer, variable_axes={"params": 0},
@@ -216,15 +211,6 @@ def hf_params(tensors: dict[str, np.ndarray]) -> dict:
                             skip=(r"embeddings\.mask_token", r"classifier\."))
 
 
-def unscan(params: dict, depth: int) -> dict:
-  """Scan layout (stacked layers) -> one subtree per layer, for `scan=False` modules."""
-  params = dict(params)
-  stacked = params.pop("encoder_layer")
-  for i in range(depth):
-    params[f"encoder_layer_{i}"] = jax.tree.map(lambda a: a[i], stacked)
-  return params
-
-
 def load_hf_dinov2(path_or_id: str, **module_kwargs):
   """Local folder or cached hub id -> (Dinov2 module, params, native preprocessing).
 
@@ -235,31 +221,20 @@ def load_hf_dinov2(path_or_id: str, **module_kwargs):
   module = Dinov2(cfg, **module_kwargs)
   params = hf_params(hf_io.read_safetensors(folder))
   if not module.scan:
-    params = unscan(params, cfg.num_hidden_layers)
+    params = tower.unscan(params, cfg.num_hidden_layers, "encoder_layer")
   return module, params, hf_io.read_preprocessing(folder, 224)
 
 
 def build(model_config):
   """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import DTYPES, Backbone
-  lora = model_config.get("lora", {})
-  finetune = model_config.get("finetune", "lora")
+  from iqa_jax.models.model import Backbone
   kwargs = dict(
-      dtype=DTYPES[model_config.get("dtype", "float32")],
-      lora_rank=lora.get("rank", 4) if finetune == "lora" else 0,
-      lora_alpha=lora.get("alpha", 8.0),
-      lora_dropout=lora.get("dropout", 0.05),
-      remat=model_config.get("remat", "none"),
-      scan=model_config.get("scan", True),
-      attention_impl=model_config.get("attention", "auto"),
+      **tower.tower_kwargs(model_config),
       pool=model_config.get("pool", "mean"),
   )
   if model_config.get("init"):
     return Backbone(*load_hf_dinov2(model_config.init, **kwargs))
-  variant = model_config.get("variant", "l/14")
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
+  cfg = tower.variant_config(model_config, VARIANTS, "l/14")
   # ImageNet statistics, bicubic, resize 256 + crop 224 (preprocessor_config.json of dinov2-large).
   pp = {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
         "resample": "bicubic"}

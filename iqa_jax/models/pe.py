@@ -24,15 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iqa_jax.models import hf_io
+from iqa_jax.models import hf_io, tower
 from iqa_jax.models.attention import attention
 from iqa_jax.models.lora import LoraDense
 
-REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +234,7 @@ class PerceptionEncoder(nn.Module):
     block = Block
     if self.remat != "none":
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,),
-                       policy=REMAT_POLICIES[self.remat])
+                       policy=tower.REMAT_POLICIES[self.remat])
     deterministic = not train
     if self.scan:
       blocks = nn.scan(block, variable_axes={"params": 0},
@@ -310,15 +305,6 @@ def hf_params(tensors: dict[str, np.ndarray], depth: int) -> dict:
   return hf_io.to_flax_tree(split, RENAMES, special=_special, skip=(r"rope\.", r"fc_norm\."))
 
 
-def unscan(params: dict, depth: int) -> dict:
-  """Scan layout (stacked blocks) -> one subtree per block, for `scan=False` modules."""
-  params = dict(params)
-  stacked = params.pop("blocks")
-  for i in range(depth):
-    params[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], stacked)
-  return params
-
-
 def config_from_timm(cfg: dict) -> PEConfig:
   """A timm hub config.json ({'architecture', 'num_classes', 'model_args'}) -> PEConfig."""
   arch = cfg.get("architecture", "vit_pe_core_large_patch14_336")
@@ -359,24 +345,16 @@ def load_timm_pe(path_or_id: str, tap_layer: int = 20, **module_kwargs):
   depth = num_blocks(cfg, tap_layer)
   params = hf_params(hf_io.read_safetensors(folder), depth)
   if not module.scan:
-    params = unscan(params, depth)
+    params = tower.unscan(params, depth, "blocks")
   return module, params, timm_preprocessing(raw, cfg.img_size)
 
 
 def build(model_config):
   """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import DTYPES, Backbone
-  lora = model_config.get("lora", {})
-  finetune = model_config.get("finetune", "lora")
+  from iqa_jax.models.model import Backbone
   tap_layer = int(model_config.get("tap_layer", 20))
   kwargs = dict(
-      dtype=DTYPES[model_config.get("dtype", "float32")],
-      lora_rank=lora.get("rank", 4) if finetune == "lora" else 0,
-      lora_alpha=lora.get("alpha", 8.0),
-      lora_dropout=lora.get("dropout", 0.05),
-      remat=model_config.get("remat", "none"),
-      scan=model_config.get("scan", True),
-      attention_impl=model_config.get("attention", "auto"),
+      **tower.tower_kwargs(model_config),
   )
   if model_config.get("init"):
     return Backbone(*load_timm_pe(model_config.init, tap_layer, **kwargs))

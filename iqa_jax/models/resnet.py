@@ -15,14 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iqa_jax.models import hf_io
+from iqa_jax.models import hf_io, tower
 from iqa_jax.models.lora import LORA_NAMES
 
-REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +167,7 @@ class ResNet(nn.Module):
     lora = (self.lora_rank, self.lora_alpha, self.lora_dropout)
     block = ResidualLayer
     if self.remat != "none":
-      block = nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
+      block = nn.remat(block, static_argnums=(2,), policy=tower.REMAT_POLICIES[self.remat])
     for s, (features, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
       stride = 2 if s > 0 or cfg.downsample_in_first_stage else 1
       for j in range(depth):
@@ -223,15 +218,9 @@ def load_hf_resnet(path_or_id: str, **module_kwargs):
 
 def build(model_config):
   """Registry entry: config.model -> Backbone. `init=None`: random net of `variant` + `arch`."""
-  from iqa_jax.models.model import DTYPES, Backbone
-  lora = model_config.get("lora", {})
-  finetune = model_config.get("finetune", "lora")
+  from iqa_jax.models.model import Backbone
   kwargs = dict(
-      dtype=DTYPES[model_config.get("dtype", "float32")],
-      lora_rank=lora.get("rank", 4) if finetune == "lora" else 0,
-      lora_alpha=lora.get("alpha", 8.0),
-      lora_dropout=lora.get("dropout", 0.05),
-      remat=model_config.get("remat", "none"),
+      **tower.tower_kwargs(model_config, transformer=False),
   )
   if model_config.get("init"):
     return Backbone(*load_hf_resnet(model_config.init, **kwargs))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iqa_jax.models import hf_io
+from iqa_jax.models import hf_io, tower
 from iqa_jax.models.attention import attention
 from iqa_jax.models.lora import LoraDense
 from iqa_jax.models.posemb import resample_grid
@@ -25,12 +25,6 @@ ACT = {
     "relu": jax.nn.relu,
 }
 
-# Remat policies by name (issue: remat per block; "dots" saves matmul outputs).
-REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +150,7 @@ class SiglipVision(nn.Module):
     layer = EncoderLayer
     if self.remat != "none":
       layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(2,),
-                       policy=REMAT_POLICIES[self.remat])
+                       policy=tower.REMAT_POLICIES[self.remat])
     deterministic = not train
     if self.scan:
       layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -213,15 +207,6 @@ def hf_params(tensors: dict[str, np.ndarray]) -> dict:
                             skip=(r"text_model\.", r"logit_scale", r"logit_bias"))
 
 
-def unscan(params: dict, depth: int) -> dict:
-  """Scan layout (stacked layers) -> one subtree per layer, for `scan=False` modules."""
-  params = dict(params)
-  stacked = params.pop("encoder_layers")
-  for i in range(depth):
-    params[f"encoder_layers_{i}"] = jax.tree.map(lambda a: a[i], stacked)
-  return params
-
-
 def load_hf_siglip(path_or_id: str, **module_kwargs):
   """Local folder or cached hub id -> (SiglipVision module, params, native preprocessing).
 
@@ -232,32 +217,21 @@ def load_hf_siglip(path_or_id: str, **module_kwargs):
   module = SiglipVision(cfg, **module_kwargs)
   params = hf_params(hf_io.read_safetensors(folder))
   if not module.scan:
-    params = unscan(params, cfg.num_hidden_layers)
+    params = tower.unscan(params, cfg.num_hidden_layers, "encoder_layers")
   preprocessing = hf_io.read_preprocessing(folder, cfg.image_size)
   return module, params, preprocessing
 
 
 def build(model_config):
   """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import DTYPES, Backbone
-  lora = model_config.get("lora", {})
-  finetune = model_config.get("finetune", "lora")
+  from iqa_jax.models.model import Backbone
   kwargs = dict(
-      dtype=DTYPES[model_config.get("dtype", "float32")],
-      lora_rank=lora.get("rank", 4) if finetune == "lora" else 0,
-      lora_alpha=lora.get("alpha", 8.0),
-      lora_dropout=lora.get("dropout", 0.05),
-      remat=model_config.get("remat", "none"),
-      scan=model_config.get("scan", True),
-      attention_impl=model_config.get("attention", "auto"),
+      **tower.tower_kwargs(model_config),
   )
   if model_config.get("init"):
     module, params, pp = load_hf_siglip(model_config.init, **kwargs)
     return Backbone(module, params, pp)
-  variant = model_config.get("variant", "so400m/16@512")
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-  cfg = dataclasses.replace(VARIANTS[variant], **dict(model_config.get("arch", {})))
+  cfg = tower.variant_config(model_config, VARIANTS, "so400m/16@512")
   pp = {"size": cfg.image_size, "crop": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
         "resample": "bilinear"}
   return Backbone(SiglipVision(cfg, **kwargs), None, pp)
