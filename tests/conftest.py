@@ -39,15 +39,56 @@ def tiny_demo_dir(tmp_path_factory):
   return folder
 
 
-def tiny_demo_config(data_dir, **overrides):
-  """configs/demo.py shrunk for tests: 32 px, 1-layer tower, 2 epochs."""
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), as the train CLI loads it."""
   import importlib.util
   from pathlib import Path
   spec = importlib.util.spec_from_file_location(
-      "demo_config", Path(__file__).resolve().parent.parent / "configs" / "demo.py")
+      f"{name}_config", Path(__file__).resolve().parent.parent / "configs" / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config(f"dir={data_dir},epochs=2,batch=8")
+  return mod.get_config(arg)
+
+
+def zeros_like_init(module, x):
+  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def tiny_csv_set(folder, n=14):
+  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
+  import numpy as np
+  from PIL import Image
+  rs = np.random.RandomState(0)
+  rows = ["path,mos"]
+  for i in range(n):
+    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
+    rows.append(f"{i}.png,{rs.rand():.3f}")
+  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+  return folder
+
+
+def train_two_steps(tmp_path, config_name: str, arch: dict, data: dict | None = None, **model):
+  """configs/<name>.py with a tiny random tower through the real train loop: 8 train images
+  (6 val), batch 4 = 2 micro-batches x 2, one epoch -> two optimizer steps. -> (results, history)."""
+  from iqa_jax import checkpoint, train
+  config = load_config(config_name, "head=gated")
+  config.model.update(init=None, arch=arch, dtype="float32", remat="nothing", **model)
+  config.data.update(name="csv", dir=str(tiny_csv_set(tmp_path)), image_size=32,
+                     val_fraction=6 / 14, **(data or {}))
+  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
+  config.update(eval_batch_size=4, progress=False)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  return results, checkpoint.read_history(tmp_path / "run")
+
+
+def tiny_demo_config(data_dir, **overrides):
+  """configs/demo.py shrunk for tests: 32 px, 1-layer tower, 2 epochs."""
+  c = load_config("demo", f"dir={data_dir},epochs=2,batch=8")
   c.model.arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, patch_size=8, image_size=32)
   c.data.image_size = 32

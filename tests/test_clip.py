@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 
 from iqa_jax.models import clip, hf_io
+from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             patch_size=8, image_size=32, projection_dim=16)
-
-
-def _zeros_like_init(module, x):
-  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def test_image_embeds_match_hf_at_non_native_size(tiny_clip, scan):
   model, folder = tiny_clip
   module, params, pp = clip.load_hf_clip(str(folder), scan=scan, lora_rank=4)
   images = np.random.RandomState(0).randn(2, 48, 40, 3).astype(np.float32)  # grid 6x5 vs 4x4
-  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA leaves 0
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA leaves 0
   feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   err = np.abs(np.asarray(feature) - _reference(model, images)).max()
   print(f"CLIP image_embeds max abs error vs HF: {err:.2e}")
@@ -74,7 +69,7 @@ def test_build_lora_on_q_and_k_only():
       arch=dict(TINY), dtype="float32", remat="nothing", scan=True, attention="xla"))
   bb = clip.build(cfg)
   assert bb.params is None and bb.preprocessing["resample"] == "bicubic"
-  params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
+  params = zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   lora = sorted(p for p in paths if "lora_" in p)
   assert lora == ["encoder_layers/self_attn/k_proj/lora_a", "encoder_layers/self_attn/k_proj/lora_b",
@@ -83,34 +78,8 @@ def test_build_lora_on_q_and_k_only():
   assert clip.build(cfg).module.lora_rank == 0
 
 
-def _tiny_csv_set(folder, n=14):
-  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
-  from PIL import Image
-  rs = np.random.RandomState(0)
-  rows = ["path,mos"]
-  for i in range(n):
-    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
-    rows.append(f"{i}.png,{rs.rand():.3f}")
-  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-  return folder
-
-
 def test_two_train_steps_through_the_train_loop(tmp_path):
   """configs/clip.py with a tiny random tower: 8 train images (6 val), batch 4 = 2 x 2."""
-  import importlib.util
-  import pathlib
-  from iqa_jax import train
-  spec = importlib.util.spec_from_file_location(
-      "clip_config", pathlib.Path(__file__).parents[1] / "configs" / "clip.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("head=gated")
-  config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
-                     val_fraction=6 / 14)
-  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
-  config.update(eval_batch_size=4, progress=False)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  history = train.checkpoint.read_history(tmp_path / "run")
+  results, history = train_two_steps(tmp_path, "clip", dict(TINY))
   assert results["status"] == "done" and history[0]["step"] == 2
   assert np.isfinite(history[0]["train_loss"])

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 
 from iqa_jax.models import dinov2, hf_io
+from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=8,
             image_size=32)
-
-
-def _zeros_like_init(module, x):
-  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def _save_tiny(tmp_path_factory, **extra):
@@ -41,7 +36,7 @@ def tiny_dinov2(tmp_path_factory):
 
 def _compare(model, folder, images, **kwargs):
   module, params, pp = dinov2.load_hf_dinov2(str(folder), **kwargs)
-  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA leaves 0
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA leaves 0
   feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   with torch.no_grad():
     ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state
@@ -72,41 +67,15 @@ def test_build_lora_on_q_and_k_only():
       backbone="dinov2", init=None, finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.05),
       arch=dict(TINY), dtype="float32", remat="none", scan=True, attention="xla"))
   bb = dinov2.build(cfg)
-  params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
+  params = zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert sorted(p for p in paths if "lora_" in p) == [
       "encoder_layer/attention/k_proj/lora_a", "encoder_layer/attention/k_proj/lora_b",
       "encoder_layer/attention/q_proj/lora_a", "encoder_layer/attention/q_proj/lora_b"]
 
 
-def _tiny_csv_set(folder, n=14):
-  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
-  from PIL import Image
-  rs = np.random.RandomState(0)
-  rows = ["path,mos"]
-  for i in range(n):
-    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
-    rows.append(f"{i}.png,{rs.rand():.3f}")
-  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-  return folder
-
-
 def test_two_train_steps_through_the_train_loop(tmp_path):
   """configs/dinov2.py with a tiny random tower: 8 train images (6 val), batch 4 = 2 x 2."""
-  import importlib.util
-  import pathlib
-  from iqa_jax import train
-  spec = importlib.util.spec_from_file_location(
-      "dinov2_config", pathlib.Path(__file__).parents[1] / "configs" / "dinov2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("head=gated")
-  config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
-                     val_fraction=6 / 14)
-  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
-  config.update(eval_batch_size=4, progress=False)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  history = train.checkpoint.read_history(tmp_path / "run")
+  results, history = train_two_steps(tmp_path, "dinov2", dict(TINY))
   assert results["status"] == "done" and history[0]["step"] == 2
   assert np.isfinite(history[0]["train_loss"])

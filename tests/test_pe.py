@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from iqa_jax.models import hf_io, pe
+from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 
@@ -89,12 +90,6 @@ def _timm():
         del sys.modules[name]
 
 
-def _zeros_like_init(module, x):
-  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
 @pytest.fixture(scope="module")
 def tiny_pe(tmp_path_factory):
   """A perturbed random timm PE-Core saved as the hub's timm checkpoints are (safetensors + json)."""
@@ -130,7 +125,7 @@ def test_tapped_pooled_projection_matches_timm(tiny_pe, tap, scan):
   model, folder = tiny_pe
   images = np.random.RandomState(0).randn(2, 48, 40, 3).astype(np.float32)  # 6x5 grid vs 4x4
   module, params, pp = pe.load_timm_pe(str(folder), tap_layer=tap, scan=scan, lora_rank=2)
-  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA leaves 0
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA leaves 0
   feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   # timm's own way to read block `tap`: truncate the blocks, keep the final norm and the head.
   reference = copy.deepcopy(model)
@@ -151,42 +146,15 @@ def test_build_lora_on_q_and_k_only():
       variant=ARCH, arch=dict(TINY, num_classes=16), tap_layer=1, dtype="float32", remat="none",
       scan=True, attention="xla"))
   bb = pe.build(cfg)
-  params = _zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
+  params = zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert sorted(p for p in paths if "lora_" in p) == [
       "blocks/attn/k/lora_a", "blocks/attn/k/lora_b", "blocks/attn/q/lora_a", "blocks/attn/q/lora_b"]
   assert params["blocks"]["norm1"]["scale"].shape[0] == 2  # blocks past the tap are not built
 
 
-def _tiny_csv_set(folder, n=14):
-  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
-  from PIL import Image
-  rs = np.random.RandomState(0)
-  rows = ["path,mos"]
-  for i in range(n):
-    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
-    rows.append(f"{i}.png,{rs.rand():.3f}")
-  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-  return folder
-
-
 def test_two_train_steps_through_the_train_loop(tmp_path):
   """configs/pe.py, tiny random tower tapped at block 2: 8 train images (6 val), batch 4 = 2 x 2."""
-  import importlib.util
-  import pathlib
-  from iqa_jax import train
-  spec = importlib.util.spec_from_file_location(
-      "pe_config", pathlib.Path(__file__).parents[1] / "configs" / "pe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("head=gated")
-  config.model.update(init=None, arch=dict(TINY, num_classes=16), tap_layer=2, dtype="float32",
-                      remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
-                     val_fraction=6 / 14)
-  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
-  config.update(eval_batch_size=4, progress=False)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  history = train.checkpoint.read_history(tmp_path / "run")
+  results, history = train_two_steps(tmp_path, "pe", dict(TINY, num_classes=16), tap_layer=2)
   assert results["status"] == "done" and history[0]["step"] == 2
   assert np.isfinite(history[0]["train_loss"])

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 
 from iqa_jax.models import hf_io, resnet
+from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck")
-
-
-def _zeros_like_init(module, x):
-  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def test_pooler_output_matches_hf(tiny_resnet):
   model, folder = tiny_resnet
   module, params, pp = resnet.load_hf_resnet(str(folder), lora_rank=4, remat="nothing")
   images = np.random.RandomState(0).randn(2, 45, 38, 3).astype(np.float32)  # odd sizes: padding
-  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA B = 0
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA B = 0
   feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   with torch.no_grad():
     ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
@@ -84,7 +79,7 @@ def test_lora_placement_and_frozen_statistics(tiny_resnet):
       dtype="float32", remat="none"))
   bb = resnet.build(cfg)
   x = np.random.RandomState(3).randn(2, 16, 16, 3).astype(np.float32)
-  params = hf_io.merge_loaded(_zeros_like_init(bb.module, x), bb.params)
+  params = hf_io.merge_loaded(zeros_like_init(bb.module, x), bb.params)
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   lora = [p for p in paths if "lora_" in p]
   # 2 stages x 2 blocks x 3 convs x (A, B); never the stem or a shortcut.
@@ -97,34 +92,8 @@ def test_lora_placement_and_frozen_statistics(tiny_resnet):
   assert float(jnp.abs(flat["embedder/normalization/scale"]).max()) > 0.0
 
 
-def _tiny_csv_set(folder, n=14):
-  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
-  from PIL import Image
-  rs = np.random.RandomState(0)
-  rows = ["path,mos"]
-  for i in range(n):
-    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
-    rows.append(f"{i}.png,{rs.rand():.3f}")
-  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-  return folder
-
-
 def test_two_train_steps_through_the_train_loop(tmp_path):
   """configs/resnet.py with a tiny random tower: 8 train images (6 val), batch 4 = 2 x 2."""
-  import importlib.util
-  import pathlib
-  from iqa_jax import train
-  spec = importlib.util.spec_from_file_location(
-      "resnet_config", pathlib.Path(__file__).parents[1] / "configs" / "resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("head=gated")
-  config.model.update(init=None, arch=dict(TINY, depths=[1, 1]), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
-                     val_fraction=6 / 14)
-  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
-  config.update(eval_batch_size=4, progress=False)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  history = train.checkpoint.read_history(tmp_path / "run")
+  results, history = train_two_steps(tmp_path, "resnet", dict(TINY, depths=[1, 1]))
   assert results["status"] == "done" and history[0]["step"] == 2
   assert np.isfinite(history[0]["train_loss"])

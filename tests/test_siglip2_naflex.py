@@ -7,6 +7,7 @@ import pytest
 
 from iqa_jax.data import pp as pp_lib
 from iqa_jax.models import hf_io, siglip2_naflex as naflex
+from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -14,12 +15,6 @@ transformers = pytest.importorskip("transformers")
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             patch_size=4, num_patches=16)
 BUDGET = 20  # max_num_patches: aspect ratios that leave padding
-
-
-def _zeros_like_init(module, x):
-  """The module's param tree, all zeros: cheaper than compiling init's random number generators."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def _hf(model, pixel_values, mask, shapes):
 
 def _load(folder, images, **kwargs):
   module, params, pp = naflex.load_hf_siglip2_naflex(str(folder), **kwargs)
-  params = hf_io.merge_loaded(_zeros_like_init(module, images), params)  # LoRA leaves 0
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA leaves 0
   return module, params, pp
 
 
@@ -102,7 +97,7 @@ def test_build_lora_on_q_and_k_and_padded_eval_rows_stay_finite():
   packed = np.zeros((2, 1 + BUDGET, 48), np.float32)  # row 1: an all-zero padded eval example
   packed[0, 0, :2] = (4, 5)
   packed[0, 1:21] = np.random.RandomState(3).randn(20, 48)
-  params = _zeros_like_init(module, packed)
+  params = zeros_like_init(module, packed)
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert sorted(p for p in paths if "lora_" in p) == [
       "encoder_layers/self_attn/k_proj/lora_a", "encoder_layers/self_attn/k_proj/lora_b",
@@ -113,35 +108,9 @@ def test_build_lora_on_q_and_k_and_padded_eval_rows_stay_finite():
   assert np.isfinite(np.asarray(feature)).all()
 
 
-def _tiny_csv_set(folder, n=14):
-  """n random photos (odd sizes) and labels.csv: the csv dataset adapter's layout."""
-  from PIL import Image
-  rs = np.random.RandomState(0)
-  rows = ["path,mos"]
-  for i in range(n):
-    Image.fromarray(rs.randint(0, 256, (30 + i, 41, 3), np.uint8)).save(folder / f"{i}.png")
-    rows.append(f"{i}.png,{rs.rand():.3f}")
-  (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-  return folder
-
-
 def test_two_train_steps_through_the_train_loop(tmp_path):
   """configs/siglip2_naflex.py, native aspect, tiny random tower: 8 train images (6 val), 2 x 2."""
-  import importlib.util
-  import pathlib
-  from iqa_jax import train
-  spec = importlib.util.spec_from_file_location(
-      "siglip2_naflex_config", pathlib.Path(__file__).parents[1] / "configs" / "siglip2_naflex.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("head=gated")
-  config.model.update(init=None, arch=dict(TINY), dtype="float32", remat="nothing")
-  config.data.update(name="csv", dir=str(_tiny_csv_set(tmp_path)), image_size=32,
-                     val_fraction=6 / 14,
-                     pp=naflex.naflex_pp(4, BUDGET))  # native aspect: packed patches + masks
-  config.optim.update(epochs=1, batch_size=4, grad_accum=2)
-  config.update(eval_batch_size=4, progress=False)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  history = train.checkpoint.read_history(tmp_path / "run")
+  results, history = train_two_steps(tmp_path, "siglip2_naflex", dict(TINY),
+                                     data={"pp": naflex.naflex_pp(4, BUDGET)})  # native aspect
   assert results["status"] == "done" and history[0]["step"] == 2
   assert np.isfinite(history[0]["train_loss"])
