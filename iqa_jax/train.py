@@ -22,6 +22,7 @@ import numpy as np
 
 from iqa_jax import checkpoint, metrics, parallel
 from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model
 from iqa_jax.optim import make_optimizer
 from iqa_jax.steps import TrainState, make_eval_step, make_train_step
@@ -126,9 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, labels = make_optimizer(_with_schedule(config, schedule), params, steps_per_epoch)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(config.seed + 1))
-  counts = {}
-  for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-    counts[l] = counts.get(l, 0) + int(np.prod(p.shape))
+  counts = count_by_label(params, labels)
   _log("params: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
 
   ckpt = checkpoint.RunCheckpoints(workdir, save_frozen=not config.model.init)
