@@ -101,9 +101,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits, n_skipped = load_data(config, workdir)
   train_recs, val_recs = splits["train"], splits["val"]
   optim = config.optim
-  if optim.batch_size % optim.grad_accum:
-    raise ValueError(f"config.optim.batch_size={optim.batch_size} must be a multiple of "
-                     f"config.optim.grad_accum={optim.grad_accum}")
   if len(train_recs) < optim.batch_size:
     raise ValueError(f"Only {len(train_recs)} training images for batch size {optim.batch_size}; "
                      f"lower --config.optim.batch_size")
