@@ -56,7 +56,7 @@ def load_run(workdir: str, which: str = "best"):
   model, params, preprocessing = create_model(config)
   flat, _ = checkpoint.load_params(workdir, which)
   params = checkpoint.unflatten_into(params, flat)
-  pp_str = config.data.pp or pp.native_pp(preprocessing, size=config.data.image_size or None)
+  pp_str = pp.run_pp(config.data, preprocessing)
   mesh = parallel.make_mesh()  # scoring batches split over all devices
   return (config, parallel.jit_eval_step(make_eval_step(model), mesh),
           parallel.put_replicated(params, mesh), pp_str)

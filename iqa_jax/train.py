@@ -44,10 +44,6 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> str:
   return "constant" if config.data.name in SMALL_SETS else "multistep"
 
 
-def preprocess_string(config, preprocessing: dict) -> str:
-  return config.data.pp or pp.native_pp(preprocessing, size=config.data.image_size or None)
-
-
 def _progress(total: int, desc: str, enabled: bool):
   from tqdm.auto import tqdm
   return tqdm(total=total, desc=desc, unit="img", unit_scale=False, dynamic_ncols=True,
@@ -109,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
 
   model, params, preprocessing = create_model(config)
-  pp_str = preprocess_string(config, preprocessing)
+  pp_str = pp.run_pp(config.data, preprocessing)
   _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
        f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"

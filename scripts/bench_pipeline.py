@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: 1024x768 JPEGs -> 512x512 normalised batches, by worker count.
+"""Input-pipeline throughput: 1024x768 JPEGs -> 512x512 batches (uint8 by default) per worker count.
 
   python scripts/bench_pipeline.py [--images 512] [--workers 0,1,2] [--threads 8]
 
@@ -68,16 +68,19 @@ def main():
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--threads", type=int, default=0, help="per process; 0: cores / processes")
   parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--normalize", default="device", choices=("device", "host"),
+                      help="device (the default of runs): uint8 batches; host: float32 batches")
   args = parser.parse_args()
   pp_str = pp.native_pp({"size": 512, "crop": None, "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                         "resample": "bilinear"})
+                         "resample": "bilinear"}, normalize=args.normalize == "host")
+  dtype = "float32" if args.normalize == "host" else "uint8"
   with tempfile.TemporaryDirectory() as tmp:
     records = make_jpegs(Path(tmp), args.images)
     t0 = time.perf_counter()
     cache = prepare.build_cache(records, str(Path(tmp) / "cache"), 512)
     prep = len(records) / (time.perf_counter() - t0)
     print(f"{os.cpu_count()} CPU cores; {args.images} images 1024x768 -> batches of "
-          f"{args.batch_size}x512x512x3 float32; pp: {pp_str}")
+          f"{args.batch_size}x512x512x3 {dtype}; pp: {pp_str}")
     print(f"prepare cache: {prep:.0f} img/s ({args.images * 512 * 512 * 3 / 2**20:.0f} MiB)")
     print("img/s: wall clock after warm-up (depends on other load on the machine); img/cpu-s: "
           "images per CPU-second over the epoch, start-up included")

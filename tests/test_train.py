@@ -95,3 +95,21 @@ def test_train_cli_overrides_and_exit_code(tiny_demo_dir, tmp_path, capsys):
   assert "nowhere" in p.stderr
   saved = json.loads((tmp_path / "cli" / "config.json").read_text())
   assert saved["data"]["name"] == "koniq10k"
+
+
+def test_uint8_batches_normalised_on_device_score_like_host_normalised(trained_run, tiny_demo_dir):
+  """data.normalize_on_device: the pp stops at uint8 and the model normalises; same scores."""
+  from iqa_jax.data import pp
+  from iqa_jax.models.model import create_model
+  config, _, _ = trained_run
+  model, params, prep = create_model(config)
+  assert pp.run_pp(config.data, prep) == "decode|resize(32, 'bilinear')"
+  host = pp.get_preprocess_fn(pp.native_pp(prep, size=32, normalize=True))
+  device = pp.get_preprocess_fn(pp.run_pp(config.data, prep))
+  paths = sorted((tiny_demo_dir / "images").glob("*.png"))[:6]
+  as_float = np.stack([host({"path": str(p)})["image"] for p in paths])
+  as_uint8 = np.stack([device({"path": str(p)})["image"] for p in paths])
+  assert as_uint8.dtype == np.uint8 and as_float.dtype == np.float32
+  a, _ = model.apply({"params": params}, as_float)
+  b, _ = model.apply({"params": params}, as_uint8)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)

@@ -156,10 +156,11 @@ def get_preprocess_fn(pp_str: str) -> Callable[[dict], dict]:
   return _pp
 
 
-def native_pp(preprocessing: dict, size: int | None = None) -> str:
+def native_pp(preprocessing: dict, size: int | None = None, normalize: bool = True) -> str:
   """The checkpoint's own recipe {'size','crop','mean','std','resample'} as a pp string.
 
   `size` overrides it with a plain square resize (the paper resizes every image to 512).
+  `normalize=False` stops at uint8 pixels; the model then normalises them on the device.
   """
   resample = preprocessing.get("resample", "bilinear")
   if size is not None:
@@ -169,6 +170,16 @@ def native_pp(preprocessing: dict, size: int | None = None) -> str:
                 f"|central_crop({int(preprocessing['crop'])})")
   else:
     geometry = f"resize({int(preprocessing['size'])}, {resample!r})"
+  if not normalize:
+    return f"decode|{geometry}"
   mean = tuple(float(v) for v in preprocessing["mean"])
   std = tuple(float(v) for v in preprocessing["std"])
   return f"decode|{geometry}|normalize({mean}, {std})"
+
+
+def run_pp(data_config, preprocessing: dict) -> str:
+  """A run's pp string: config.data.pp, else the checkpoint's recipe at config.data.image_size."""
+  if data_config.pp:
+    return data_config.pp
+  return native_pp(preprocessing, size=data_config.image_size or None,
+                   normalize=not data_config.get("normalize_on_device", False))

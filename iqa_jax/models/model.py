@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from iqa_jax.models import hf_io
 from iqa_jax.models.head import QualityHead, resolve_head
@@ -49,12 +50,28 @@ def build_backbone(model_config: ml_collections.ConfigDict) -> Backbone:
   return build(model_config)
 
 
+def normalize_on_device(images, mean, std):
+  """uint8 -> (x / 255 - mean) / std in float32, as pp's `normalize` op does on the host."""
+  std64 = np.asarray(std, np.float64)
+  scale = jnp.asarray(1.0 / (255.0 * std64), jnp.float32)
+  offset = jnp.asarray(-np.asarray(mean, np.float64) / std64, jnp.float32)
+  return images.astype(jnp.float32) * scale + offset
+
+
 class IQAModel(nn.Module):
-  """images -> (score (B,), out) where out holds the backbone's intermediates and 'feature'."""
+  """images -> (score (B,), out) where out holds the backbone's intermediates and 'feature'.
+
+  uint8 images (a pp string that stops before `normalize`) are normalised here, on the device,
+  with the checkpoint's mean and std: 4x fewer bytes to the device and no host float pass.
+  """
   backbone: nn.Module
   head: QualityHead
+  mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
   def __call__(self, images, train: bool = False):
+    if images.dtype == jnp.uint8:
+      images = normalize_on_device(images, self.mean, self.std)
     feature, out = self.backbone(images, train=train)
     out = dict(out)
     out["feature"] = feature
@@ -66,8 +83,10 @@ class IQAModel(nn.Module):
 def create_model(config: ml_collections.ConfigDict, rng=None):
   """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights overlaid."""
   bb = build_backbone(config.model)
-  model = IQAModel(backbone=bb.module, head=QualityHead(acts=resolve_head(config.model.head),
-                                                        hidden=config.model.get("head_hidden", 512)))
+  model = IQAModel(backbone=bb.module,
+                   head=QualityHead(acts=resolve_head(config.model.head),
+                                    hidden=config.model.get("head_hidden", 512)),
+                   mean=tuple(bb.preprocessing["mean"]), std=tuple(bb.preprocessing["std"]))
   size = bb.preprocessing["crop"] or bb.preprocessing["size"]
   size = config.data.get("image_size") or size
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
