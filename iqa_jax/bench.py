@@ -108,7 +108,9 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   """Times the train step and the eval step of `config` on random weights and images."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   from iqa_jax import parallel
   from iqa_jax.models.model import create_model
   from iqa_jax.optim import make_optimizer

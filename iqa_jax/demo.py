@@ -23,6 +23,7 @@ def main(argv=None) -> int:
   t0 = time.time()
 
   import importlib.util
+
   from iqa_jax import metrics, score, train
   from iqa_jax.data import demo
 

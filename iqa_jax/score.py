@@ -12,9 +12,9 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import ml_collections
 import numpy as np

@@ -2,7 +2,8 @@
 over micro-batches inside one step (App. B.1: physical batch 2 x accumulation 6)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

@@ -3,6 +3,7 @@ digit, and the same per-image predictions and gate weights."""
 import json
 
 from conftest import tiny_demo_config
+
 from iqa_jax import checkpoint, train
 
 RUN_SPECIFIC = ("time_s", "train_img_per_s")  # wall-clock numbers

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import train_two_steps, zeros_like_init
 
 from iqa_jax.models import dinov2, hf_io
-from conftest import train_two_steps, zeros_like_init
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

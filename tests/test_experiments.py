@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_demo_config
 from scipy import stats
 
-from conftest import tiny_demo_config
 from iqa_jax import experiments, report, train
 
 BLUR, NOISE = "demo:gaussian_blur+pixelate", "demo:white_noise+jpeg"

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import peft
 import pytest
 import torch
@@ -12,7 +11,7 @@ import transformers
 from iqa_jax.defaults import base_config
 from iqa_jax.models import siglip
 from iqa_jax.models.hf_io import merge_loaded
-from iqa_jax.models.lora import LoraDense, param_labels
+from iqa_jax.models.lora import LoraDense
 from iqa_jax.optim import make_optimizer
 from iqa_jax.steps import TrainState, make_train_step
 

@@ -1,6 +1,6 @@
 """Eq. 1-2 against a brute-force numpy loop over pairs."""
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from iqa_jax.losses import iqa_loss, margin_ranking_loss

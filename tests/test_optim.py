@@ -30,7 +30,9 @@ def test_schedule_follows_the_dataset(name, want):
 
 
 def test_full_finetune_uses_two_learning_rates():
-  import jax, jax.numpy as jnp, numpy as np
+  import jax.numpy as jnp
+  import numpy as np
+
   from iqa_jax.optim import make_optimizer
   c = base_config()
   c.model.finetune, c.optim.schedule = "full", "constant"

@@ -48,9 +48,11 @@ def _max_diff(a, b) -> float:
 def _train_two_steps(mode: str, dropout: float) -> dict:
   """Two steps on one device (plain jit) and on the 8-device mesh; max |diff| of each output."""
   import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from iqa_jax import parallel
   from iqa_jax.models.model import create_model
   from iqa_jax.optim import make_optimizer
@@ -96,6 +98,7 @@ def _score_run(tmp: Path) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from PIL import Image
+
   from iqa_jax import checkpoint, score
   from iqa_jax.data import pp
   from iqa_jax.models.model import create_model
@@ -131,10 +134,12 @@ def _score_run(tmp: Path) -> dict:
 def _multihost_worker(process_id: int, port: int, out_json: str) -> None:
   """One of 2 processes x 4 CPU devices: a global batch built from per-process halves."""
   import functools
+
   import jax
   jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
   import jax.numpy as jnp
   import numpy as np
+
   from iqa_jax import parallel
   from iqa_jax.models.model import create_model
   from iqa_jax.optim import make_optimizer
@@ -218,6 +223,7 @@ def test_scoring_runs_sharded(eight_devices):
 
 def test_batch_that_does_not_split_over_devices_is_refused():
   from types import SimpleNamespace
+
   from iqa_jax import parallel
   parallel.check_batch_size(12, 6, parallel.make_mesh())  # the paper's 2 x 6 on one device
   parallel.check_batch_size(48, 6, SimpleNamespace(size=4))

@@ -4,9 +4,9 @@ import shutil
 
 import numpy as np
 from matplotlib import image
+from test_report import _rows
 
 from iqa_jax import metrics, plots
-from test_report import _rows
 
 
 def _png(path):

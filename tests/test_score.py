@@ -17,7 +17,7 @@ def odd_inputs(tmp_path_factory, tiny_demo_dir):
   base.convert("L").save(d / "gray.png")
   base.convert("CMYK").save(d / "cmyk.jpg")
   rgba = base.convert("RGBA"); rgba.putalpha(128); rgba.save(d / "alpha.png")
-  Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(d / "sixteen.png")
+  Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(d / "sixteen.png")
   exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 on display
   base.save(d / "exif.jpg", exif=exif.tobytes())
   base.resize((3, 3)).save(d / "tiny.png")  # smaller than a patch

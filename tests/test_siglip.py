@@ -1,5 +1,4 @@
 """Parity of the Flax SigLIP tower with transformers.SiglipVisionModel (float32 and bf16)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

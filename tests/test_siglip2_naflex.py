@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import train_two_steps, zeros_like_init
 
 from iqa_jax.data import pp as pp_lib
-from iqa_jax.models import hf_io, siglip2_naflex as naflex
-from conftest import train_two_steps, zeros_like_init
+from iqa_jax.models import hf_io
+from iqa_jax.models import siglip2_naflex as naflex
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -81,7 +82,8 @@ def test_square_images_are_a_full_grid(tiny_naflex):
 
 def test_naflex_size_agrees_with_hf():
   from transformers.models.siglip2.image_processing_pil_siglip2 import (
-      get_image_size_for_max_num_patches)
+    get_image_size_for_max_num_patches,
+  )
   rs = np.random.RandomState(2)
   for h, w, p, n in zip(rs.randint(8, 2000, 40), rs.randint(8, 2000, 40), [14, 16] * 20,
                         rs.choice([64, 256, 576, 1024], 40)):

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_demo_config
 from scipy import stats
 
-from conftest import tiny_demo_config
 from iqa_jax import checkpoint, steps, train
 
 
@@ -84,7 +84,8 @@ def test_missing_pretrained_weights_error_says_what_to_pass(tiny_demo_dir, tmp_p
 
 def test_train_cli_overrides_and_exit_code(tiny_demo_dir, tmp_path, capsys):
   """`--config.a.b=v` reaches the run; a missing data folder exits 2 with a clear message."""
-  import subprocess, sys
+  import subprocess
+  import sys
   cmd = [sys.executable, "-m", "iqa_jax.train", "--config", "configs/demo.py",
          "--config.data.name=koniq10k", f"--config.data.dir={tmp_path / 'nowhere'}",
          f"--workdir={tmp_path / 'cli'}"]

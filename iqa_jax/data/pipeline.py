@@ -9,12 +9,11 @@ import concurrent.futures
 import dataclasses
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
-from absl import flags
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from iqa_jax.data import images, pp

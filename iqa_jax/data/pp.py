@@ -8,7 +8,7 @@ as the Hugging Face image processors do, so features match the checkpoints' own 
 from __future__ import annotations
 
 import ast
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image

@@ -15,8 +15,8 @@ import concurrent.futures
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ml_collections
 import numpy as np

@@ -39,7 +39,7 @@ class ClipConfig:
   hidden_act: str = "quick_gelu"
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "ClipConfig":
+  def from_hf(cls, cfg: dict) -> ClipConfig:
     cfg = cfg.get("vision_config", cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in cfg.items() if k in names})

@@ -41,7 +41,7 @@ class Dinov2Config:
   layerscale_value: float = 1.0
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "Dinov2Config":
+  def from_hf(cls, cfg: dict) -> Dinov2Config:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in cfg.items() if k in names})
 

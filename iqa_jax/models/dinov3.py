@@ -52,7 +52,7 @@ class Dinov3Config:
   pos_embed_rescale: float | None = 2.0
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "Dinov3Config":
+  def from_hf(cls, cfg: dict) -> Dinov3Config:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in cfg.items() if k in names})
 

@@ -1,7 +1,7 @@
 """The quality head: Dense d->512, act1, Dense 512->512, act2, Dense 512->1 (§3.1, §4)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

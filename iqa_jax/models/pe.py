@@ -15,9 +15,9 @@ are not built. LoRA (§3.1) goes on q and k: the fused qkv projection is split i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,6 @@ import numpy as np
 from iqa_jax.models import hf_io, tower
 from iqa_jax.models.attention import attention
 from iqa_jax.models.lora import LoraDense
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ runs in inference mode: running statistics are loaded and never trained.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,6 @@ import numpy as np
 
 from iqa_jax.models import hf_io, tower
 from iqa_jax.models.lora import LORA_NAMES
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ResNetConfig:
   downsample_in_bottleneck: bool = False
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "ResNetConfig":
+  def from_hf(cls, cfg: dict) -> ResNetConfig:
     if cfg.get("hidden_act", "relu") != "relu":
       raise ValueError(f"resnet: hidden_act={cfg['hidden_act']!r} is not supported (relu only)")
     names = {f.name for f in dataclasses.fields(cls)}

@@ -40,7 +40,7 @@ class SiglipConfig:
   vision_use_head: bool = True
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "SiglipConfig":
+  def from_hf(cls, cfg: dict) -> SiglipConfig:
     cfg = cfg.get("vision_config", cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in cfg.items() if k in names})

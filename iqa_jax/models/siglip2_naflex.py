@@ -48,7 +48,7 @@ class NaflexConfig:
   vision_use_head: bool = True
 
   @classmethod
-  def from_hf(cls, cfg: dict) -> "NaflexConfig":
+  def from_hf(cls, cfg: dict) -> NaflexConfig:
     cfg = cfg.get("vision_config", cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in cfg.items() if k in names})
