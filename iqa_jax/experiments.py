@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,7 +43,7 @@ RESULTS = "results.jsonl"
 class DatasetSpec:
   label: str  # as written on the command line, e.g. 'demo:gaussian_blur+pixelate'
   name: str  # the registry name, e.g. 'demo'
-  options: tuple[tuple[str, str], ...] = ()
+  options: tuple[tuple[str, Any], ...] = ()  # typed like the config field each one sets
 
   @property
   def slug(self) -> str:
@@ -50,7 +51,10 @@ class DatasetSpec:
 
 
 def parse_dataset(spec: str) -> DatasetSpec:
-  """'demo:gaussian_blur+pixelate' -> demo with options.distortions='gaussian_blur,pixelate'."""
+  """'demo:gaussian_blur+pixelate' -> demo with options.distortions='gaussian_blur,pixelate'.
+
+  Values are typed like the config field they set: 'clive:drop_practice=false' -> False.
+  """
   name, _, option = spec.strip().partition(":")
   if name not in datasets.REGISTRY:
     raise ValueError(f"Unknown dataset {name!r} in {spec!r}; known: {sorted(datasets.REGISTRY)}.")
@@ -67,7 +71,7 @@ def parse_dataset(spec: str) -> DatasetSpec:
     if unknown:
       raise ValueError(f"{spec!r}: unknown demo distortion(s) {sorted(unknown)}; "
                        f"known: {sorted(known)}.")
-  return DatasetSpec(spec.strip(), name, ((key, value),))
+  return DatasetSpec(spec.strip(), name, ((key, datasets.typed_option(key, value, repr(spec))),))
 
 
 def parse_cross(pair: str, trained: Sequence[DatasetSpec]) -> tuple[DatasetSpec, DatasetSpec]:

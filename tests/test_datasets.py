@@ -1,6 +1,7 @@
 """The seven adapters on generated fixtures in each official layout, bad tables, and splits."""
 import csv
 import json
+import logging
 import math
 
 import ml_collections
@@ -38,14 +39,23 @@ def _xlsx(path, header, rows):
   wb.save(path)
 
 
+# First entries of the release's AllImages_release / AllMOS_release (as in pyiqa's meta info):
+# t1.bmp ... t7.bmp are the practice images, kept in Images/trainingImages/.
+CLIVE_ROWS = [("t1.bmp", 63.963406174124174), ("t2.bmp", 25.335306406685238),
+              ("t3.bmp", 48.93656326246079), ("t4.bmp", 35.88633193863319),
+              ("t5.bmp", 66.50923666782852), ("t6.bmp", 54.579700034879664),
+              ("t7.bmp", 77.88214783821478), ("100.bmp", 32.56107532210109),
+              ("101.bmp", 66.35954917017587), ("1001.JPG", 53.55747126436781)]
+
+
 def make_clive(root):
-  names = [f"t{i}.bmp" for i in range(1, 8)] + ["3.bmp", "5.bmp", "1001.JPG"]
+  names = [n for n, _ in CLIVE_ROWS]
   cell = np.empty((len(names), 1), dtype=object)
   for i, n in enumerate(names):
     cell[i, 0] = np.array([n])
   (root / "Data").mkdir(parents=True)
   scipy.io.savemat(root / "Data/AllImages_release.mat", {"AllImages_release": cell})
-  mos = np.array([[50.0] * 7 + [63.9, 25.5, 80.0]])
+  mos = np.array([[m for _, m in CLIVE_ROWS]])
   scipy.io.savemat(root / "Data/AllMOS_release.mat", {"AllMOS_release": mos})
   scipy.io.savemat(root / "Data/AllStdDev_release.mat", {"AllStdDev_release": mos / 4})
   for n in names[:7]:
@@ -68,8 +78,8 @@ def make_koniq(root, rows=None):
 
 
 def make_kadid(root):
-  rows = [[f"I{r:02d}_{d:02d}_{l:02d}.png", f"I{r:02d}.png", round(1 + (5 - l) * 0.9, 2), 0.5]
-          for r in (1, 2, 3) for d in (1, 2) for l in (1, 5)]
+  rows = [[f"I{r:02d}_{d:02d}_{lvl:02d}.png", f"I{r:02d}.png", round(1 + (5 - lvl) * 0.9, 2), 0.5]
+          for r in (1, 2, 3) for d in (1, 2) for lvl in (1, 5)]
   _csv(root / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"], rows)
   for i, r in enumerate(rows):
     _image(root / "images" / r[0], i)
@@ -99,20 +109,37 @@ def make_spaq(root):
 
 AGIQA3K_HEADER = ["name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality",
                   "mos_align", "std_align"]
+# Rows of the release's data.csv (lcysyzxdxc/AGIQA-3k-Database).
+AGIQA3K_ROWS = [
+    ["AttnGAN_normal_000.jpg", "statue of a man", "", "", "", 0.965602553, 0.223270101,
+     0.40889324, 0.615607722],
+    ["AttnGAN_normal_001.jpg", "a tray of sushi", "", "", "", 1.361853219, 0.645422466,
+     0.428796637, 0.667071153],
+    ["xl2.2_normal_299.jpg", "beautiful fluffy baby giraffe cheetah hybrid mixed creature "
+     "character concept, hyper detail, HDR lighting, baroque style", "hyper detail",
+     "HDR lighting", "baroque style", 3.60083465, 0.486499893, 3.467108847, 0.549443718]]
 
 
-def make_agiqa3k(root):
-  rows = [["AttnGAN_normal_000.jpg", "statue of a cat", "", "", "", 0.8, 0.4, 2.5, 0.6],
-          ["AttnGAN_normal_001.jpg", "statue of a cat", "", "", "", 1.2, 0.5, 3.0, 0.5],
-          ["midjourney_lowstep_002.jpg", "a girl, baroque", "pretty", "", "baroque", 4.1, 0.3,
-           4.6, 0.2]]
-  _csv(root / "data.csv", AGIQA3K_HEADER, rows)
-  for i, r in enumerate(rows):
-    _image(root / "file" / r[0], i)
+def make_agiqa3k(root, image_dir="AGIQA-3K"):
+  """data.csv and the images in the folder the release's AGIQA-3K.zip unpacks to."""
+  _csv(root / "data.csv", AGIQA3K_HEADER, AGIQA3K_ROWS)
+  for i, r in enumerate(AGIQA3K_ROWS):
+    _image(root / image_dir / r[0], i)
 
 
-def make_agiqa1k(root):
-  rows = [["0001.jpg", "a cat, cartoon style", 3.1], ["0002.jpg", "a dog", 2.25]]
+# Rows of the release's AIGC_MOS_Zscore.xlsx (lcysyzxdxc/AGIQA-1k-Database): its first rows and
+# its last four, where dreamStudio_8_9_1_1.jpg is listed twice (Excel rows 1080 and 1081).
+AGIQA1K_ROWS = [
+    ["deepai_0_0_0_0.jpg", "bird, driving aircraft, city, anime style", 2.7934105045636524],
+    ["deepai_0_0_0_1.jpg", "bird, driving aircraft, city, realistic style", 4.159969360254004],
+    ["dreamStudio_8_9_0_1.jpg", "alien, wearing shirt, city, realistic style",
+     0.016814677712928286],
+    ["dreamStudio_8_9_1_0.jpg", "alien, wearing shirt, wild, anime style", 0.6081769257617308],
+    ["dreamStudio_8_9_1_1.jpg", "alien, wearing shirt, wild, realistic style", 0.4414155439958131],
+    ["dreamStudio_8_9_1_1.jpg", "alien, wearing shirt, wild, realistic style", 2.084115711537598]]
+
+
+def make_agiqa1k(root, rows=AGIQA1K_ROWS):
   _xlsx(root / "AIGC_MOS_Zscore.xlsx", ["Image", "Prompt", "MOS"], rows)
   for i, r in enumerate(rows):
     _image(root / "file" / r[0], i)
@@ -131,10 +158,25 @@ def test_clive(tmp_path):
   recs = _load("clive", tmp_path)
   assert len(recs) == 3  # 10 entries, the 7 practice images dropped
   assert [r.path for r in recs] == [str(tmp_path / "Images" / n) for n in
-                                    ("3.bmp", "5.bmp", "1001.JPG")]
-  np.testing.assert_allclose([r.mos for r in recs], [0.639, 0.255, 0.8])
-  assert recs[0].raw_mos == 63.9 and recs[0].extras["std"] == pytest.approx(63.9 / 4)
+                                    ("100.bmp", "101.bmp", "1001.JPG")]
+  np.testing.assert_allclose([r.raw_mos for r in recs], [m for _, m in CLIVE_ROWS[7:]])
+  np.testing.assert_allclose([r.mos for r in recs], [m / 100 for _, m in CLIVE_ROWS[7:]])
+  assert recs[0].extras["std"] == pytest.approx(CLIVE_ROWS[7][1] / 4)
   assert recs[0].extras["row"] == "AllImages_release.mat:8"
+
+
+def test_clive_keeps_practice_images_from_training_images(tmp_path):
+  """Issue 10 item 15: drop_practice=False looked for t1.bmp ... in Images/; the release keeps
+  them in Images/trainingImages/."""
+  make_clive(tmp_path)
+  recs = _load("clive", tmp_path, drop_practice=False)
+  assert [r.path for r in recs] == (
+      [str(tmp_path / "Images/trainingImages" / f"t{i}.bmp") for i in range(1, 8)]
+      + [str(tmp_path / "Images" / n) for n in ("100.bmp", "101.bmp", "1001.JPG")])
+  np.testing.assert_allclose([r.raw_mos for r in recs], [m for _, m in CLIVE_ROWS])
+  assert recs[0].extras["row"] == "AllImages_release.mat:1"
+  with pytest.raises(ValueError, match="drop_practice must be True or False, got 'false'"):
+    datasets.get_adapter("clive")(str(tmp_path), drop_practice="false")
 
 
 def test_koniq10k(tmp_path):
@@ -179,21 +221,54 @@ def test_spaq(tmp_path):
 def test_agiqa3k(tmp_path):
   make_agiqa3k(tmp_path)
   recs = _load("agiqa3k", tmp_path)
-  assert recs[2].path == str(tmp_path / "file/midjourney_lowstep_002.jpg")
-  np.testing.assert_allclose([r.mos for r in recs], [0.16, 0.24, 0.82])
-  assert recs[2].extras["prompt"] == "a girl, baroque" and recs[2].extras["std"] == 0.3
-  assert recs[2].extras["style"] == "baroque" and recs[2].extras["mos_align"] == 4.6
+  assert [r.path for r in recs] == [str(tmp_path / "AGIQA-3K" / r[0]) for r in AGIQA3K_ROWS]
+  np.testing.assert_allclose([r.mos for r in recs], [r[5] / 5 for r in AGIQA3K_ROWS])
+  assert recs[2].extras["prompt"] == AGIQA3K_ROWS[2][1] and recs[2].extras["std"] == 0.486499893
+  assert recs[2].extras["style"] == "baroque style" and recs[2].extras["mos_align"] == 3.467108847
   align = _load("agiqa3k", tmp_path, target="align")
-  np.testing.assert_allclose([r.mos for r in align], [0.5, 0.6, 0.92])
-  assert align[2].extras["std"] == 0.2
+  np.testing.assert_allclose([r.mos for r in align], [r[7] / 5 for r in AGIQA3K_ROWS])
+  assert align[2].extras["std"] == 0.549443718
 
 
-def test_agiqa1k(tmp_path):
+@pytest.mark.parametrize("image_dir", ["AGIQA-3K", "AGIQA-3k", "Images", "image", "file", "."])
+def test_agiqa3k_finds_the_image_folder(tmp_path, image_dir):
+  """Issue 10 item 14: the release's AGIQA-3K.zip and public loaders use other folder names than
+  file/, images/, image/; the folder holding the first listed image is found, ignoring case."""
+  make_agiqa3k(tmp_path, image_dir)
+  (tmp_path / "images").mkdir(exist_ok=True)  # an empty decoy is passed over
+  recs = _load("agiqa3k", tmp_path)
+  assert recs[0].path == str((tmp_path / image_dir / AGIQA3K_ROWS[0][0]).resolve())
+
+
+def test_missing_image_folder_lists_where_it_looked(tmp_path):
+  _csv(tmp_path / "data.csv", AGIQA3K_HEADER, AGIQA3K_ROWS)
+  (tmp_path / "file").mkdir()
+  with pytest.raises(ValueError, match=r"agiqa3k: none of the 3 images listed in data.csv "
+                     r"\(first: AttnGAN_normal_000.jpg\) is in .*/ AGIQA-3K/, images/, image/, "
+                     r"file/, all/, ./ .*image_dir"):
+    datasets.get_adapter("agiqa3k")(str(tmp_path))
+  with pytest.raises(ValueError, match=r"image folder .*/nope \(data.options.image_dir\)"):
+    datasets.get_adapter("agiqa3k")(str(tmp_path), image_dir="nope")
+
+
+def test_agiqa1k(tmp_path, caplog):
+  """Issue 10 item 13: the release's spreadsheet lists dreamStudio_8_9_1_1.jpg twice; the first
+  row is kept with one logged line (on_error=raise used to stop there)."""
   make_agiqa1k(tmp_path)
-  recs = _load("agiqa1k", tmp_path)
-  assert recs[1].path == str(tmp_path / "file/0002.jpg")
-  np.testing.assert_allclose([r.mos for r in recs], [0.62, 0.45])
-  assert recs[0].extras["prompt"] == "a cat, cartoon style"
+  with caplog.at_level(logging.WARNING):
+    recs = _load("agiqa1k", tmp_path)
+  assert [r.path for r in recs] == [str(tmp_path / "file" / r[0]) for r in AGIQA1K_ROWS[:5]]
+  np.testing.assert_allclose([r.mos for r in recs], [r[2] / 5 for r in AGIQA1K_ROWS[:5]])
+  assert recs[4].extras == {"row": "AIGC_MOS_Zscore.xlsx:6", "prompt": AGIQA1K_ROWS[4][1]}
+  quirk = [r.getMessage() for r in caplog.records if "dreamStudio_8_9_1_1.jpg" in r.getMessage()]
+  assert quirk == ["agiqa1k: AIGC_MOS_Zscore.xlsx lists dreamStudio_8_9_1_1.jpg again at 7 "
+                   "(MOS 2.084115711537598), a known quirk of the release; keeping the first row, "
+                   "6 (MOS 0.4414155439958131) (docs/datasets.md)."]
+  # Any other repeated name is still an error of the table.
+  make_agiqa1k(tmp_path / "other", AGIQA1K_ROWS[:2] + AGIQA1K_ROWS[:1])
+  with pytest.raises(ValueError, match=r"deepai_0_0_0_0.jpg \(AIGC_MOS_Zscore.xlsx:4\): "
+                     r"duplicate path \(also at AIGC_MOS_Zscore.xlsx:2\)"):
+    _load("agiqa1k", tmp_path / "other")
 
 
 def test_generic_csv(tmp_path):

@@ -18,8 +18,6 @@ def test_dataset_specs_heads_and_cross_pairs():
   assert (blur.name, blur.options) == ("demo", (("distortions", "gaussian_blur,pixelate"),))
   assert blur.slug == "demo-gaussian_blur+pixelate"
   assert experiments.parse_dataset("koniq10k:512x384").options == (("resolution", "512x384"),)
-  assert experiments.parse_dataset("clive:drop_practice=false").options == (
-      ("drop_practice", "false"),)
   with pytest.raises(ValueError, match="unknown demo distortion"):
     experiments.parse_dataset("demo:gaussian_blurr")
   with pytest.raises(ValueError, match="Unknown dataset"):
@@ -49,6 +47,21 @@ def test_run_config_sets_dataset_head_seed():
   assert experiments.data_dir_for(spec, base, {"clive": "/c"}, "/root") == "/c"
   assert experiments.data_dir_for(spec, base, {}, "/root") == "/root/clive"
   assert experiments.data_dir_for(spec, base, {}, "") == "/data/demo"
+
+
+def test_spec_options_are_typed_like_their_config_field():
+  """Issue 10 item 15: 'clive:drop_practice=false' used to stay the string 'false', and setting
+  the bool config field with it raised TypeError."""
+  base = tiny_demo_config("/data/demo")
+  for text, value in (("false", False), ("False", False), ("0", False), ("true", True)):
+    spec = experiments.parse_dataset(f"clive:drop_practice={text}")
+    assert spec.options == (("drop_practice", value),)
+    c = experiments.run_config(base, spec, "gated", 8, "/x")
+    assert c.data.options.drop_practice is value
+  assert base.data.options.drop_practice is True
+  with pytest.raises(ValueError, match="drop_practice is true or false, got 'maybe'"):
+    experiments.parse_dataset("clive:drop_practice=maybe")
+  assert experiments.parse_dataset("koniq10k:512x384").options == (("resolution", "512x384"),)
 
 
 def _cli_args(data_dir, out):

@@ -1,5 +1,7 @@
 """The prepare cache: same pixels as decoding the files, and the loaders read it transparently."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +38,7 @@ def test_cache_holds_the_decoded_resized_pixels(kadid):
   array = np.load(f"{cache}/images.npy")
   assert array.shape == (8, 16, 16, 3) and array.dtype == np.uint8
   decode = pp.get_preprocess_fn("decode|resize(16)")
-  for r, row in zip(records, array):
+  for r, row in zip(records, array, strict=True):
     np.testing.assert_array_equal(row, decode({"path": r.path})["image"])
 
 
@@ -72,3 +74,68 @@ def test_check_records_against_cache(kadid, tmp_path):
     pipeline.make_train_loader(records + [stranger], PP, 2, seed=0, epoch=0, cache=cache)
   with pytest.raises(ValueError, match="not a prepare cache"):
     pipeline.make_eval_loader(records, PP, 2, cache=str(tmp_path))
+
+
+# ---- Issue 10 item 8: the cache records its recipe and refuses another -----------------------
+
+def test_cache_refuses_a_pp_string_it_was_not_built_with(kadid):
+  records, cache = kadid
+  assert json.loads(open(f"{cache}/index.json").read())["pp"] == "decode|resize(16, 'bilinear')"
+  for other in ("decode|resize(24)|value_range()", "decode|resize(16, 'bicubic')",
+                "decode(draft=16)|resize(16)", "decode|resize_small(16)|central_crop(16)"):
+    with pytest.raises(ValueError, match=r"holds images made by \"decode\|resize\(16, "
+                                         r"'bilinear'\)\", but the run's pp string"):
+      pipeline.make_eval_loader(records, other, 2, cache=cache)
+    with pytest.raises(ValueError, match="holds images made by"):
+      pipeline.make_train_loader(records, other, 2, seed=0, epoch=0, cache=cache)
+  # Other spellings of the recipe, and ops after it, are the same pixels.
+  same = "decode(key='image')|resize((16, 16), 'bilinear')|value_range(0, 1)"
+  want = list(pipeline.make_eval_loader(records, same, 4))
+  for a, b in zip(want, pipeline.make_eval_loader(records, same, 4, cache=cache), strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_rebuild_into_a_cache_folder(kadid, capsys):
+  records, cache = kadid
+  root = str(Path(cache).parent)
+  before = {p.name: p.stat().st_mtime_ns for p in Path(cache).iterdir()}
+  args = ["--dataset", "kadid10k", "--data_dir", root, "--out", cache, "--threads", "2",
+          "--no-progress"]
+  assert prepare.main(args + ["--size", "24"]) == 2
+  assert ("already holds a cache made by \"decode|resize(16, 'bilinear')\" for 8 images; this "
+          "build is \"decode|resize(24, 'bilinear')\"") in capsys.readouterr().err
+  assert prepare.main(args + ["--size", "16"]) == 0  # the same recipe: nothing to redo
+  assert "already holds these 8 images at 16 (bilinear); nothing to do" in capsys.readouterr().out
+  assert {p.name: p.stat().st_mtime_ns for p in Path(cache).iterdir()} == before
+  with prepare._single_writer(Path(cache)):  # noqa: SLF001 - another build in progress
+    with pytest.raises(ValueError, match="Another prepare is writing"):
+      prepare.build_cache(records, cache, 16, progress=False)
+
+
+def test_cache_from_before_the_pp_string_was_stored(kadid, tmp_path):
+  records, cache = kadid
+  old = tmp_path / "old"
+  shutil.copytree(cache, old)
+  index = json.loads((old / "index.json").read_text())
+  del index["pp"]
+  (old / "index.json").write_text(json.dumps(index))
+  assert prepare.check_cache(str(old), PP)["pp"] == "decode|resize(16, 'bilinear')"
+  with pytest.raises(ValueError, match="holds images made by"):
+    prepare.check_cache(str(old), "decode|resize(32)")
+  (old / "index.json").write_text('{"size": 16, "pa')
+  with pytest.raises(ValueError, match=r"old/index.json is unreadable \(JSONDecodeError"):
+    prepare.check_cache(str(old), PP)
+
+
+def test_prepare_options_are_typed(tmp_path, capsys):
+  from test_datasets import make_clive
+  make_clive(tmp_path / "clive")
+  args = ["--dataset", "clive", "--data_dir", str(tmp_path / "clive"), "--size", "8",
+          "--threads", "1", "--no-progress"]
+  assert prepare.main(args + ["--out", str(tmp_path / "all"), "--option",
+                              "drop_practice=false"]) == 0
+  paths = json.loads((tmp_path / "all/index.json").read_text())["paths"]
+  assert [Path(p).name for p in paths[:2]] == ["t1.bmp", "t2.bmp"] and len(paths) == 10
+  assert prepare.main(args + ["--out", str(tmp_path / "x"), "--option", "drop_practise=0"]) == 2
+  assert "--option 'drop_practise=0': expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()

@@ -11,7 +11,7 @@ import csv
 import importlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,33 @@ def load_records(data_config) -> list[Record]:
   return get_adapter(data_config.name)(str(data_config.dir), **options)
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def typed_option(key: str, text: str, where: str) -> Any:
+  """An adapter option written as text (a run-matrix spec, prepare --option) typed like the config
+  field data.options.<key> it sets: 'false' must not reach drop_practice as a truthy string.
+
+  Keys without such a field stay text; the caller reports them as unknown.
+  """
+  from iqa_jax import defaults  # pylint: disable=g-import-not-at-top  (the fields' types)
+  fields = defaults.base_config().data.options
+  if key not in fields:
+    return text
+  like = fields[key]
+  if isinstance(like, bool):
+    if text.strip().lower() in _TRUE + _FALSE:
+      return text.strip().lower() in _TRUE
+    raise ValueError(f"{where}: {key} is true or false, got {text!r}.")
+  if isinstance(like, (int, float)):
+    try:
+      return type(like)(text)
+    except ValueError:
+      raise ValueError(f"{where}: {key} is a number ({type(like).__name__}), got "
+                       f"{text!r}.") from None
+  return text
+
+
 # ---- Reading annotation tables -------------------------------------------------------------------
 
 def annotation_file(data_dir: str, name: str, dataset: str) -> Path:
@@ -59,15 +86,50 @@ def annotation_file(data_dir: str, name: str, dataset: str) -> Path:
   return path
 
 
-def image_folder(data_dir: str, candidates: tuple[str, ...], override: str = "") -> Path:
-  """The first of data_dir/candidates that exists (or `override`, relative to data_dir)."""
+def _find_dirs(root: Path, relative: str) -> list[Path]:
+  """The folders root/relative names, each component matched ignoring case (exact case first)."""
+  folders = [root]
+  for part in Path(relative).parts:
+    found = []
+    for folder in folders:
+      if not folder.is_dir():
+        continue
+      exact = [folder / part] if (folder / part).is_dir() else []
+      found += exact + sorted(p for p in folder.iterdir() if p.is_dir() and p.name != part
+                              and p.name.lower() == part.lower())
+    folders = found
+  return folders
+
+
+def image_folder(data_dir: str, candidates: Sequence[str], names: Sequence[str], dataset: str,
+                 override: str = "", table: Path | None = None) -> Path:
+  """The folder under data_dir that holds the annotated images.
+
+  Releases unpack to different folder names (AGIQA-3K.zip, file.zip, Images/), so the first of
+  `candidates` (case-insensitive; '.' is data_dir itself) holding the first annotated image that
+  exists anywhere wins. `override` (data.options.image_dir, relative to data_dir) skips the
+  search. None found: an error listing where it looked, rather than one 'file not found' per row.
+  """
   root = Path(data_dir).expanduser().resolve()
   if override:
-    return root / override
+    folder = root / override
+    if not folder.is_dir():
+      raise ValueError(f"{dataset}: image folder {folder} (data.options.image_dir) not found.")
+    return folder
+  if not names:
+    raise ValueError(f"{dataset}: {table or root} lists no images ({DOCS}, section {dataset}).")
+  folders = []
   for c in candidates:
-    if (root / c).is_dir():
-      return root / c
-  return root / candidates[0]  # the files will be reported missing one by one, with their rows
+    folders += [f for f in _find_dirs(root, c) if f not in folders]
+  for name in names:
+    for folder in folders:
+      if (folder / name).is_file():
+        return folder
+  looked = ", ".join(c.rstrip("/") + "/" for c in candidates)
+  raise ValueError(f"{dataset}: none of the {len(names)} images listed in "
+                   f"{(table or root).name} (first: {names[0]}) is in {root}/ {looked} (folder "
+                   f"names ignoring case). Unpack the release's images into one of them, or set "
+                   f"--config.data.options.image_dir ({DOCS}, section {dataset}).")
 
 
 def _check_columns(path: Path, header: list[str], columns: tuple[str, ...], dataset: str):
@@ -85,7 +147,8 @@ def read_csv(path: Path, columns: tuple[str, ...], dataset: str) -> Iterator[tup
     _check_columns(path, header, columns, dataset)
     for row in reader:
       if any(v.strip() for v in row):
-        yield f"{path.name}:{reader.line_num}", dict(zip(header, (v.strip() for v in row)))
+        values = (v.strip() for v in row)
+        yield f"{path.name}:{reader.line_num}", dict(zip(header, values, strict=False))
 
 
 def read_xlsx(path: Path, columns: tuple[str, ...], dataset: str) -> Iterator[tuple[str, dict]]:
@@ -98,7 +161,7 @@ def read_xlsx(path: Path, columns: tuple[str, ...], dataset: str) -> Iterator[tu
     _check_columns(path, header, columns, dataset)
     for number, row in enumerate(rows, start=2):
       if any(v is not None and str(v).strip() for v in row):
-        yield f"{path.name}:{number}", dict(zip(header, row))
+        yield f"{path.name}:{number}", dict(zip(header, row, strict=False))
   finally:
     workbook.close()
 

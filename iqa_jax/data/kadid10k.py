@@ -10,9 +10,11 @@ from iqa_jax.data.records import Record
 def load(data_dir: str, image_dir: str = "", **_) -> list[Record]:
   """Records of KADID-10k with extras ref_img, var, distortion (1-25) and level (1-5)."""
   table = datasets.annotation_file(data_dir, "dmos.csv", "kadid10k")
-  folder = datasets.image_folder(data_dir, ("images",), image_dir)
+  rows = list(datasets.read_csv(table, ("dist_img", "ref_img", "dmos"), "kadid10k"))
+  folder = datasets.image_folder(data_dir, ("images",), [v["dist_img"] for _, v in rows],
+                                 "kadid10k", image_dir, table)
   records = []
-  for row, v in datasets.read_csv(table, ("dist_img", "ref_img", "dmos"), "kadid10k"):
+  for row, v in rows:
     extras = {"ref_img": v["ref_img"]}
     if "var" in v:
       extras["var"] = datasets.number(v["var"])

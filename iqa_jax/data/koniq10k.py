@@ -15,9 +15,11 @@ def load(data_dir: str, resolution: str = "1024x768", image_dir: str = "", **_) 
   if resolution not in RESOLUTIONS:
     raise ValueError(f"koniq10k: resolution must be one of {RESOLUTIONS}, got {resolution!r}.")
   table = datasets.annotation_file(data_dir, TABLE, "koniq10k")
-  folder = datasets.image_folder(data_dir, (resolution,), image_dir)
+  rows = list(datasets.read_csv(table, ("image_name", "MOS"), "koniq10k"))
+  folder = datasets.image_folder(data_dir, (resolution,), [v["image_name"] for _, v in rows],
+                                 "koniq10k", image_dir, table)
   records = []
-  for row, v in datasets.read_csv(table, ("image_name", "MOS"), "koniq10k"):
+  for row, v in rows:
     extras = {k: datasets.number(v[c]) for k, c in (("std", "SD"), ("mos_zscore", "MOS_zscore"))
               if c in v}
     records.append(datasets.make_record("koniq10k", folder / v["image_name"], v["MOS"], row,

@@ -75,7 +75,7 @@ def check_records(records: Sequence[Record], on_error: str = "raise", threads: i
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
       file_reasons = list(pool.map(_check_file, [r.path for r in records]))
   kept, skipped, seen = [], [], {}
-  for i, (r, file_reason) in enumerate(zip(records, file_reasons)):
+  for i, (r, file_reason) in enumerate(zip(records, file_reasons, strict=True)):
     where = r.extras.get("row", f"record {i}")  # adapters put 'table.csv:LINE' there
     duplicate = f"duplicate path (also at {seen[r.path]})" if r.path in seen else None
     reason = _check_mos(r) or duplicate or file_reason
@@ -119,12 +119,15 @@ def _pad_batch(batch_size: int):
 
 
 class CachedSource(Sequence):
-  """Records whose images come from a prepare cache: example dicts with 'image' already decoded."""
+  """Records whose images come from a prepare cache: example dicts with 'image' already decoded.
 
-  def __init__(self, records: Sequence[Record], cache: str):
+  The cache must have been built with the first ops of `pp_str` (prepare.check_cache).
+  """
+
+  def __init__(self, records: Sequence[Record], cache: str, pp_str: str):
     from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
     self._base = RecordSource(records)
-    self._images = prepare.open_cache(cache, [r.path for r in records])
+    self._images = prepare.open_cache(cache, [r.path for r in records], pp_str)
 
   def __len__(self) -> int:
     return len(self._base)
@@ -164,8 +167,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _source(records, cache):
-  return CachedSource(records, cache) if cache else RecordSource(records)
+def _source(records, cache, pp_str):
+  return CachedSource(records, cache, pp_str) if cache else RecordSource(records)
 
 
 def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *, seed: int,
@@ -177,7 +180,8 @@ def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *
   All shards shuffle the whole dataset alike and take every shard_count-th example, so shards are
   disjoint; each takes len // shard_count examples, so all run the same number of steps.
   """
-  ds = grain.MapDataset.source(_source(records, cache)).shuffle(seed=epoch_seed(seed, epoch))
+  ds = grain.MapDataset.source(_source(records, cache, pp_str))
+  ds = ds.shuffle(seed=epoch_seed(seed, epoch))
   per_shard = len(records) // shard_count
   ds = ds[shard_index:per_shard * shard_count:shard_count]
   ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
@@ -189,7 +193,7 @@ def make_eval_loader(records: Sequence[Record], pp_str: str, batch_size: int, *,
                      workers: int = 0, threads: int | None = None,
                      cache: str | None = None) -> Loader:
   """Batches in record order; the last is zero-padded to batch_size, with a 'valid' mask."""
-  ds = grain.MapDataset.source(_source(records, cache))
+  ds = grain.MapDataset.source(_source(records, cache, pp_str))
   ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
   ds = ds.batch(batch_size, drop_remainder=False).map(_pad_batch(batch_size))
   return Loader(ds, workers=workers, threads=threads)

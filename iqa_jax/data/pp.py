@@ -8,6 +8,7 @@ as the Hugging Face image processors do, so features match the checkpoints' own 
 from __future__ import annotations
 
 import ast
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ Op = Callable[[dict], dict]
 _REGISTRY: dict[str, Callable[..., Op]] = {}
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+RESAMPLE_FILTERS = tuple(_RESAMPLE)
 
 
 def register(name: str):
@@ -124,7 +126,8 @@ def get_keep(*keys: str) -> Op:
   return _keep
 
 
-def _parse_op(spec: str) -> Op:
+def _parse_call(spec: str) -> tuple[str, list, dict]:
+  """'resize(512, "bilinear")' -> ('resize', [512, 'bilinear'], {}), the op's name checked."""
   try:
     node = ast.parse(spec.strip(), mode="eval").body
   except SyntaxError:
@@ -142,7 +145,30 @@ def _parse_op(spec: str) -> Op:
     kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords} if call else {}
   except ValueError:
     raise ValueError(f"Preprocessing op {spec!r}: arguments must be literals.") from None
+  return name, args, kwargs
+
+
+def _parse_op(spec: str) -> Op:
+  name, args, kwargs = _parse_call(spec)
   return _REGISTRY[name](*args, **kwargs)
+
+
+def canonical_ops(pp_str: str) -> list[tuple[str, dict]]:
+  """Each op as (name, every argument by name, defaults filled in), so that spellings of one
+  recipe compare equal: 'resize(512)' == "resize(512, 'bilinear')" == 'resize((512, 512))'."""
+  ops = []
+  for spec in (s for s in pp_str.split("|") if s.strip()):
+    name, args, kwargs = _parse_call(spec)
+    try:
+      bound = inspect.signature(_REGISTRY[name]).bind(*args, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"Preprocessing op {spec!r}: {e}.") from None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    if name in ("resize", "central_crop"):  # an int size means a square
+      values["size"] = _hw(values["size"])
+    ops.append((name, values))
+  return ops
 
 
 def get_preprocess_fn(pp_str: str) -> Callable[[dict], dict]:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,40 +27,129 @@ import numpy as np
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.data.records import Record
 
-IMAGES, INDEX = "images.npy", "index.json"
+IMAGES, INDEX, LOCK = "images.npy", "index.json", ".prepare.lock"
+
+
+def recipe(size: int, resample: str = "bilinear") -> str:
+  """The pp string a cache's rows are made with."""
+  return f"decode|resize({size}, {resample!r})"
+
+
+@contextlib.contextmanager
+def _single_writer(folder: Path):
+  """Holds folder/.prepare.lock; a second build of the same folder is refused, not interleaved."""
+  with open(folder / LOCK, "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ValueError(f"Another prepare is writing {folder}; wait for it to finish.") from None
+    yield
 
 
 def build_cache(records: Sequence[Record], out: str, size: int, resample: str = "bilinear",
-                threads: int = os.cpu_count() or 1) -> Path:
-  """Writes out/images.npy and out/index.json for checked records; returns the folder."""
+                threads: int = os.cpu_count() or 1, progress: bool = True) -> Path:
+  """Writes out/images.npy and out/index.json for checked records; returns the folder.
+
+  A folder that already holds a cache is left as it is when it was built with the same recipe
+  for the same images, and refused otherwise (another --out, or delete it first).
+  """
   folder = Path(out)
   folder.mkdir(parents=True, exist_ok=True)
-  tmp = folder / (IMAGES + ".partial")
-  array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(len(records), size, size, 3))
-  decode = pp.get_preprocess_fn(f"decode|resize({size}, {resample!r})")
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
-    images = pool.map(lambda r: decode({"path": r.path})["image"], records)
-    for i, image in enumerate(images):
-      array[i] = image
-  array.flush()
-  del array
-  os.replace(tmp, folder / IMAGES)
-  index = {"size": size, "resample": resample, "paths": [r.path for r in records]}
-  (folder / INDEX).write_text(json.dumps(index))  # written last: a killed build has no index
+  pp_str, paths = recipe(size, resample), [r.path for r in records]
+  with _single_writer(folder):
+    if is_current(str(folder), pp_str, paths):
+      return folder
+    if (folder / INDEX).exists():
+      index = read_index(str(folder))
+      raise ValueError(f"{folder} already holds a cache made by {index['pp']!r} for "
+                       f"{len(index['paths'])} images; this build is {pp_str!r} for {len(paths)} "
+                       f"images. Pick another --out, or delete {folder} to rebuild it.")
+    tmp = folder / (IMAGES + ".partial")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                      shape=(len(records), size, size, 3))
+    decode = pp.get_preprocess_fn(pp_str)
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=len(records), desc="prepare", unit="img", disable=not progress,
+               file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
+      images = pool.map(lambda r: decode({"path": r.path})["image"], records)
+      for i, image in enumerate(images):
+        array[i] = image
+        bar.update(1)
+    bar.close()
+    array.flush()
+    del array
+    os.replace(tmp, folder / IMAGES)
+    index = {"pp": pp_str, "size": size, "resample": resample, "paths": paths}
+    _write_atomic(folder / INDEX, json.dumps(index))  # last: a killed build has no index
   return folder
+
+
+def is_current(cache: str, pp_str: str, paths: Sequence[str]) -> bool:
+  """Whether `cache` holds a finished build of pp_str for exactly these paths."""
+  if not (Path(cache) / INDEX).exists():
+    return False
+  index = read_index(cache)
+  return pp.canonical_ops(index["pp"]) == pp.canonical_ops(pp_str) and index["paths"] == paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def read_index(cache: str) -> dict:
+  """A cache's index.json {'pp', 'size', 'resample', 'paths'}, or one line saying what is wrong."""
+  index_file = Path(cache) / INDEX
+  if not index_file.is_file():
+    raise ValueError(f"{cache} is not a prepare cache (no {INDEX}); build it with "
+                     "python -m iqa_jax.data.prepare.")
+  try:
+    index = json.loads(index_file.read_text())
+    size, paths = int(index["size"]), list(index["paths"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{index_file} is unreadable ({type(e).__name__}: {e}); delete {cache} and "
+                     "rebuild it with python -m iqa_jax.data.prepare.") from None
+  # Caches built before the pp string was stored: size and resample say the same.
+  pp_str = index.get("pp") or recipe(size, index.get("resample", "bilinear"))
+  return {**index, "pp": pp_str, "size": size, "paths": paths}
+
+
+def check_cache(cache: str, pp_str: str) -> dict:
+  """The cache's index when its rows are what the run's pp string makes from the files.
+
+  The pp string must start with the cache's recipe (decode|resize(size, resample), in any
+  spelling); its later ops then run on the cached rows. Anything else is refused, since the
+  cached pixels would silently differ from what the run asks for.
+  """
+  index = read_index(cache)
+  built = pp.canonical_ops(index["pp"])
+  if pp.canonical_ops(pp_str)[:len(built)] != built:
+    raise ValueError(
+        f"The cache {cache} holds images made by {index['pp']!r}, but the run's pp string "
+        f"{pp_str!r} does not start with that recipe, so the cached pixels would not be the ones "
+        "it asks for. Build a cache with the size and resampling of the pp string "
+        "(python -m iqa_jax.data.prepare --size N --resample R), or set --config.data.cache=''.")
+  images = Path(cache) / IMAGES
+  shape = (len(index["paths"]), index["size"], index["size"], 3)
+  try:
+    found = np.load(images, mmap_mode="r").shape
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{images} is unreadable ({type(e).__name__}: {e}); delete {cache} and "
+                     "rebuild it with python -m iqa_jax.data.prepare.") from None
+  if found != shape:
+    raise ValueError(f"{images} has shape {found} but {INDEX} describes {shape}; delete {cache} "
+                     "and rebuild it with python -m iqa_jax.data.prepare.")
+  return index
 
 
 class CachedImages(Sequence):
   """Rows of a cache for the given paths, in their order; opens the memmap lazily per process."""
 
-  def __init__(self, cache: str, paths: Sequence[str]):
+  def __init__(self, cache: str, paths: Sequence[str], pp_str: str):
     self.file = str(Path(cache) / IMAGES)
-    index_file = Path(cache) / INDEX
-    if not index_file.is_file():
-      raise ValueError(f"{cache} is not a prepare cache (no {INDEX}); build it with "
-                       "python -m iqa_jax.data.prepare.")
-    index = json.loads(index_file.read_text())
+    index = check_cache(cache, pp_str)
     self.size = index["size"]
     rows = {p: i for i, p in enumerate(index["paths"])}
     missing = [p for p in paths if p not in rows]
@@ -79,40 +171,69 @@ class CachedImages(Sequence):
     return {**self.__dict__, "_array": None}
 
 
-def open_cache(cache: str, paths: Sequence[str]) -> CachedImages:
-  return CachedImages(cache, paths)
+def open_cache(cache: str, paths: Sequence[str], pp_str: str) -> CachedImages:
+  """The cached rows of `paths`, after checking the cache was built for `pp_str`."""
+  return CachedImages(cache, paths, pp_str)
 
 
 def cached_paths(cache: str) -> set[str]:
   """The image paths a cache holds (all decoded fine when it was built)."""
-  return set(json.loads((Path(cache) / INDEX).read_text())["paths"])
+  return set(read_index(cache)["paths"])
 
 
-def main(argv=None):
+def _options(pairs: list[str]) -> dict:
+  """--option KEY=VALUE pairs, typed like the config fields data.options.KEY they stand for."""
+  from iqa_jax import defaults  # pylint: disable=g-import-not-at-top
+  known = sorted(defaults.base_config().data.options)
+  options = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep or key not in known:
+      raise ValueError(f"--option {pair!r}: expected KEY=VALUE with KEY one of {known} "
+                       f"({datasets.DOCS}).")
+    options[key] = datasets.typed_option(key, value, f"--option {pair!r}")
+  return options
+
+
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--dataset", required=True, help=f"one of {sorted(datasets.REGISTRY)}")
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument("--size", type=int, default=512, help="square side (§3.1: 512)")
-  parser.add_argument("--resample", default="bilinear", help="as the backbone's processor")
+  parser.add_argument("--resample", default="bilinear", choices=pp.RESAMPLE_FILTERS,
+                      help="as the backbone's processor")
   parser.add_argument("--on_error", default="raise", choices=("raise", "skip"))
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                      help="adapter option, e.g. resolution=512x384")
+                      help="adapter option, e.g. resolution=512x384 or drop_practice=false")
+  parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  options = dict(o.split("=", 1) for o in args.option)
-  config = ml_collections.ConfigDict({"name": args.dataset, "dir": args.data_dir,
-                                      "options": options})
-  records = datasets.load_records(config)
-  records, skipped = pipeline.check_records(records, on_error=args.on_error, threads=args.threads)
-  t0 = time.time()
-  folder = build_cache(records, args.out, args.size, args.resample, args.threads)
+  try:
+    if args.size < 1 or args.threads < 1:
+      raise ValueError(f"--size and --threads must be >= 1, got {args.size} and {args.threads}.")
+    config = ml_collections.ConfigDict({"name": args.dataset, "dir": args.data_dir,
+                                        "options": _options(args.option)})
+    records = datasets.load_records(config)
+    records, skipped = pipeline.check_records(records, on_error=args.on_error,
+                                              threads=args.threads)
+    if is_current(args.out, recipe(args.size, args.resample), [r.path for r in records]):
+      print(f"{args.out} already holds these {len(records)} images at {args.size} "
+            f"({args.resample}); nothing to do.")
+      return 0
+    t0 = time.time()
+    folder = build_cache(records, args.out, args.size, args.resample, args.threads,
+                         progress=not args.no_progress)
+  except (FileNotFoundError, ValueError) as e:  # images.ImageError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if skipped:
-    with open(folder / "skipped.json", "w") as f:
-      json.dump(skipped, f, indent=1)
+    _write_atomic(folder / "skipped.json", json.dumps(skipped, indent=1))
+  seconds = time.time() - t0
   print(f"{len(records)} images ({len(skipped)} skipped) -> {folder / IMAGES} "
-        f"in {time.time() - t0:.0f} s ({len(records) / max(time.time() - t0, 1e-9):.0f} img/s)")
+        f"in {seconds:.0f} s ({len(records) / max(seconds, 1e-9):.0f} img/s)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

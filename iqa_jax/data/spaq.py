@@ -14,10 +14,13 @@ ATTRIBUTES = ("Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness"
 def load(data_dir: str, image_dir: str = "", **_) -> list[Record]:
   """Records of SPAQ with its five attribute scores as extras (lower-cased names)."""
   table = datasets.annotation_file(data_dir, TABLE, "spaq")
-  folder = datasets.image_folder(data_dir, ("TestImage",), image_dir)
+  rows = [(row, {**v, "Image name": str(v["Image name"]).strip()})
+          for row, v in datasets.read_xlsx(table, ("Image name", "MOS"), "spaq")]
+  folder = datasets.image_folder(data_dir, ("TestImage",), [v["Image name"] for _, v in rows],
+                                 "spaq", image_dir, table)
   records = []
-  for row, v in datasets.read_xlsx(table, ("Image name", "MOS"), "spaq"):
+  for row, v in rows:
     extras = {a.lower(): datasets.number(v[a]) for a in ATTRIBUTES if a in v}
-    records.append(datasets.make_record("spaq", folder / str(v["Image name"]).strip(), v["MOS"],
-                                        row, **extras))
+    records.append(datasets.make_record("spaq", folder / v["Image name"], v["MOS"], row,
+                                        **extras))
   return records
