@@ -103,7 +103,11 @@ def test_rebuild_into_a_cache_folder(kadid, capsys):
           "--no-progress"]
   assert prepare.main(args + ["--size", "24"]) == 2
   assert ("already holds a cache made by \"decode|resize(16, 'bilinear')\" for 8 images; this "
-          "build is \"decode|resize(24, 'bilinear')\"") in capsys.readouterr().err
+          "build is \"decode|resize(24, 'bilinear')\". Pick another") in capsys.readouterr().err
+  with pytest.raises(ValueError, match=r"for 8 images; this build is .* for 7 images"):
+    prepare.build_cache(records[1:], cache, 16, progress=False)
+  assert prepare.main(args[:-4] + [str(Path(cache) / "index.json"), "--no-progress"]) == 2
+  assert "index.json is a file; name a folder" in capsys.readouterr().err
   assert prepare.main(args + ["--size", "16"]) == 0  # the same recipe: nothing to redo
   assert "already holds these 8 images at 16 (bilinear); nothing to do" in capsys.readouterr().out
   assert {p.name: p.stat().st_mtime_ns for p in Path(cache).iterdir()} == before

@@ -54,16 +54,13 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
   for the same images, and refused otherwise (another --out, or delete it first).
   """
   folder = Path(out)
-  folder.mkdir(parents=True, exist_ok=True)
   pp_str, paths = recipe(size, resample), [r.path for r in records]
+  check_out(out, pp_str, paths)
+  folder.mkdir(parents=True, exist_ok=True)
   with _single_writer(folder):
     if is_current(str(folder), pp_str, paths):
       return folder
-    if (folder / INDEX).exists():
-      index = read_index(str(folder))
-      raise ValueError(f"{folder} already holds a cache made by {index['pp']!r} for "
-                       f"{len(index['paths'])} images; this build is {pp_str!r} for {len(paths)} "
-                       f"images. Pick another --out, or delete {folder} to rebuild it.")
+    check_out(out, pp_str, paths)  # again, now that no other build can change it
     tmp = folder / (IMAGES + ".partial")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(records), size, size, 3))
@@ -83,6 +80,23 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
     index = {"pp": pp_str, "size": size, "resample": resample, "paths": paths}
     _write_atomic(folder / INDEX, json.dumps(index))  # last: a killed build has no index
   return folder
+
+
+def check_out(out: str, pp_str: str, paths: Sequence[str] | None = None) -> None:
+  """Refuses an --out that is a file, or that holds a cache of another recipe or image list
+  (paths=None: the list is not known yet)."""
+  folder = Path(out)
+  if folder.exists() and not folder.is_dir():
+    raise ValueError(f"--out {folder} is a file; name a folder for the cache.")
+  if not (folder / INDEX).exists():
+    return
+  index = read_index(out)
+  same_pp = pp.canonical_ops(index["pp"]) == pp.canonical_ops(pp_str)
+  if not same_pp or (paths is not None and index["paths"] != list(paths)):
+    count = "" if paths is None else f" for {len(paths)} images"
+    raise ValueError(f"{folder} already holds a cache made by {index['pp']!r} for "
+                     f"{len(index['paths'])} images; this build is {pp_str!r}{count}. Pick another "
+                     f"--out, or delete {folder} to rebuild it.")
 
 
 def is_current(cache: str, pp_str: str, paths: Sequence[str]) -> bool:
@@ -212,6 +226,7 @@ def main(argv=None) -> int:
   try:
     if args.size < 1 or args.threads < 1:
       raise ValueError(f"--size and --threads must be >= 1, got {args.size} and {args.threads}.")
+    check_out(args.out, recipe(args.size, args.resample))  # before minutes of checking images
     config = ml_collections.ConfigDict({"name": args.dataset, "dir": args.data_dir,
                                         "options": _options(args.option)})
     records = datasets.load_records(config)
