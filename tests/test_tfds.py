@@ -2,6 +2,7 @@
 source; a two-step training run that reads them where `import tensorflow` fails; refusals."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -86,8 +87,12 @@ def test_records_splits_and_batches_equal_the_files(built, name):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   a, = pipeline.make_eval_loader(from_files, PP, 16)
-  b, = pipeline.make_eval_loader(from_tfds, PP, 16, tfds=folder, workers=1)  # pickled source
+  b, = pipeline.make_eval_loader(from_tfds, PP, 16, tfds=folder)
   assert all(np.array_equal(a[k], b[k]) for k in a) and a["image"][0].any()
+  # Worker processes get the source pickled: it reopens the build there and reads the same.
+  source = tfds_source.TfdsSource(from_tfds, folder)
+  assert source[0]["encoded"] == pickle.loads(pickle.dumps(source))[0]["encoded"] == \
+      Path(from_files[0].path).read_bytes()
 
 
 def test_build_metadata_and_rebuild_reuses(built, capsys):
@@ -180,6 +185,7 @@ for source in ("files", "tfds"):
   c = tiny_demo_config(release, **{"optim.epochs": 1, "optim.batch_size": 4,
                                    "data.val_fraction": 1 / 3, "eval_batch_size": 4})
   c.data.update(name="kadid10k", source=source, tfds_dir=tfds_dir)
+  c.compilation_cache = f"{out}/jax_cache"  # the second run loads the first one's programs
   results = train.train_and_evaluate(c, f"{out}/{source}")
   runs[source] = [results, checkpoint.read_history(f"{out}/{source}")]
 runs["tensorflow_loaded"] = sorted(m for m in sys.modules if m.partition(".")[0] == "tensorflow")
