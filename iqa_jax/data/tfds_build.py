@@ -224,6 +224,7 @@ def build(name: str, manual_dir: str, data_dir: str, options: dict | None = None
   if not Path(manual_dir).expanduser().is_dir():
     raise ValueError(f"--manual_dir {manual_dir} is not a folder; point it at the unpacked "
                      f"{name} release ({datasets.DOCS}).")
+  tfds.disable_progress_bar()  # ours counts images with img/s and an ETA
   builder = builder_class(name)(data_dir=str(Path(data_dir).expanduser()), config=config,
                                 on_error=on_error)
   folder = Path(builder.data_path)
@@ -246,7 +247,6 @@ def main(argv=None) -> int:
   parser.add_argument("--on_error", default="raise", choices=("raise", "skip"),
                       help="skip: leave unreadable images out, listed in metadata.json")
   args = parser.parse_args(argv)
-  tfds.disable_progress_bar()  # ours counts images with img/s and an ETA
   t0 = time.time()
   try:
     options = dict(o.split("=", 1) for o in args.option)
