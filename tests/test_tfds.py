@@ -25,6 +25,7 @@ from test_datasets import (  # noqa: E402  (the official-layout fixture builders
     make_spaq,
 )
 
+from iqa_jax import checkpoint  # noqa: E402
 from iqa_jax.data import datasets, pipeline, tfds_build, tfds_source  # noqa: E402
 
 FIXTURES = {"clive": make_clive, "koniq10k": make_koniq, "kadid10k": make_kadid,
@@ -33,10 +34,10 @@ FIXTURES = {"clive": make_clive, "koniq10k": make_koniq, "kadid10k": make_kadid,
 PP = "decode|resize(4)"
 
 
-def _data_config(name, tfds_dir="", source="tfds", data_dir="", **options):
+def _data_config(name, tfds_dir="", source="tfds", data_dir="", cache="", **options):
   from iqa_jax.defaults import base_config
   d = base_config().data
-  d.update(name=name, source=source, tfds_dir=str(tfds_dir), dir=str(data_dir))
+  d.update(name=name, source=source, tfds_dir=str(tfds_dir), dir=str(data_dir), cache=cache)
   d.options.update(options)
   return d
 
@@ -157,12 +158,15 @@ def test_refuses_other_version_variant_release_or_dataset(built, tmp_path):
     tfds_source.build_dir(_data_config("csv", tfds_dir))
   with pytest.raises(ValueError, match=r"data.source must be one of \('files', 'tfds'\)"):
     tfds_source.build_dir(_data_config("clive", tfds_dir, source="tfrecord"))
+  with pytest.raises(ValueError, match="data.cache and --config.data.source=tfds do not combine"):
+    tfds_source.build_dir(_data_config("clive", tfds_dir, cache="/c"))
   with pytest.raises(ValueError, match="agiqa3k: no TFDS variant for target=aesthetics"):
     tfds_build.find_config("agiqa3k", {"target": "aesthetics"})
 
 
 # Run in a fresh interpreter where tensorflow cannot be found (as if not installed): train two
-# steps on KADID from the files, then from the TFDS build, and print both histories.
+# steps on KADID from the files, then from the TFDS build through the run matrix (experiments),
+# with a cross evaluation on KonIQ's build (evaluate); print the results.
 _NO_TF_RUN = r"""
 import importlib.util, json, sys
 from importlib.machinery import PathFinder
@@ -178,16 +182,20 @@ try:
 except ModuleNotFoundError:
   pass
 from conftest import tiny_demo_config
-from iqa_jax import checkpoint, train
+from iqa_jax import experiments, train
 release, tfds_dir, out = sys.argv[1:]
-runs = {}
-for source in ("files", "tfds"):
+def config(source):
   c = tiny_demo_config(release, **{"optim.epochs": 1, "optim.batch_size": 4,
                                    "data.val_fraction": 1 / 3, "eval_batch_size": 4})
   c.data.update(name="kadid10k", source=source, tfds_dir=tfds_dir)
   c.compilation_cache = f"{out}/jax_cache"  # the second run loads the first one's programs
-  results = train.train_and_evaluate(c, f"{out}/{source}")
-  runs[source] = [results, checkpoint.read_history(f"{out}/{source}")]
+  return c
+runs = {"files": train.train_and_evaluate(config("files"), f"{out}/files")}
+tfds = config("tfds")
+tfds.data.dir = ""  # the release folder is not needed to train from the build
+runs["matrix"] = experiments.run_matrix(tfds, ["kadid10k"], [8], ["gated"], f"{out}/matrix",
+                                        cross=["kadid10k:koniq10k"], plots=False,
+                                        compile_cache=None)
 runs["tensorflow_loaded"] = sorted(m for m in sys.modules if m.partition(".")[0] == "tensorflow")
 print("RESULT" + json.dumps(runs))
 """
@@ -204,16 +212,25 @@ def test_training_from_tfds_without_tensorflow(built, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = json.loads(proc.stdout.split("RESULT", 1)[1])
   assert runs["tensorflow_loaded"] == []
-  (files, files_history), (tfds, tfds_history) = runs["files"], runs["tfds"]
-  assert tfds["n_train"] == 8 and tfds["n_val"] == 4 and tfds_history[0]["step"] == 2
+  run, cross = runs["matrix"]
+  run_dir = tmp_path / "matrix" / run["workdir"]
+  files_history = checkpoint.read_history(tmp_path / "files")
+  tfds_history = checkpoint.read_history(run_dir)
+  assert run["status"] == "done" and run["n_train"] == 8 and run["n_val"] == 4
+  assert tfds_history[0]["step"] == 2
   # The same batches in the same order: the two runs agree to the last bit.
   assert tfds_history[0]["train_loss"] == files_history[0]["train_loss"]
-  assert tfds["best"] == files["best"]
-  splits = json.loads((tmp_path / "tfds/splits.json").read_text())
+  assert run["best"] == runs["files"]["best"]
+  splits = json.loads((run_dir / "splits.json").read_text())
   assert splits["val"][0]["path"].startswith("images/I0")
   assert [r["extras"]["ref_img"] for r in splits["val"]] == \
       [r["extras"]["ref_img"] for r in json.loads((tmp_path / "files/splits.json").read_text())
        ["val"]]
+  # Cross evaluation (iqa_jax.evaluate) read KonIQ's build: its 3 records, in order.
+  assert cross["kind"] == "cross" and cross["test"] == "koniq10k" and cross["n"] == 3
+  with open(run_dir / "cross/koniq10k/eval_koniq10k.csv") as f:
+    assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == \
+        [f"1024x768/{n}.jpg" for n in ("10004473376", "10007357496", "10012359024")]
 
 
 def test_evaluate_reads_the_run_source(built, tmp_path):

@@ -42,6 +42,9 @@ def build_dir(data_config) -> str | None:
     raise ValueError(f"--config.data.source must be one of {SOURCES}, got {source!r}.")
   if source == "files":
     return None
+  if data_config.get("cache"):
+    raise ValueError("--config.data.cache and --config.data.source=tfds do not combine (the cache "
+                     "is built from the files); drop one of them.")
   from iqa_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
   name = data_config.name
   cls = tfds_build.builder_class(name)
