@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     options = dict(kv.split("=", 1) for kv in a.option)
     dc = data_config_for(run_config, a.dataset, a.data_dir, options, a.on_error, a.source,
                          a.tfds_dir)
+    if dc.source == "files" and not dc.dir:
+      raise ValueError("pass --data_dir (the release folder), or --source tfds to read a build.")
     r = evaluate_run(a.workdir, dc, a.which, a.out, a.batch_size, progress=True)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -45,7 +45,11 @@ def build_dir(data_config) -> str | None:
   if data_config.get("cache"):
     raise ValueError("--config.data.cache and --config.data.source=tfds do not combine (the cache "
                      "is built from the files); drop one of them.")
-  from iqa_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
+  try:
+    from iqa_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    raise ValueError(f"--config.data.source=tfds needs tensorflow-datasets ({e}): pip install "
+                     "tensorflow-datasets array_record (no TensorFlow needed to read).") from None
   name = data_config.name
   cls = tfds_build.builder_class(name)
   config = tfds_build.find_config(name, dict(data_config.get("options") or {}))
