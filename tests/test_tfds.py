@@ -1,5 +1,6 @@
 """TFDS builds of the seven official-layout fixtures: records, splits and batches equal to the file
 source; a two-step training run that reads them where `import tensorflow` fails; refusals."""
+import importlib.util
 import json
 import os
 import pickle
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("tensorflow")  # building needs it (the `tfds` extra); reading does not
+if importlib.util.find_spec("tensorflow") is None:  # building needs it (the `tfds` extra)
+  pytest.skip("TensorFlow is not installed: pip install -e '.[tfds]'", allow_module_level=True)
 
 from test_datasets import (  # noqa: E402  (the official-layout fixture builders, one copy)
     make_agiqa1k,
@@ -98,7 +100,7 @@ def test_records_splits_and_batches_equal_the_files(built, name):
       Path(from_files[0].path).read_bytes()
 
 
-def test_build_metadata_and_rebuild_reuses(built, capsys):
+def test_build_metadata_and_rebuild_reuses(built, tmp_path, capsys):
   tfds_dir, releases = built
   folder = tfds_dir / "koniq10k" / "1024x768" / "1.0.0"
   info = json.loads((folder / "dataset_info.json").read_text())
@@ -111,6 +113,15 @@ def test_build_metadata_and_rebuild_reuses(built, capsys):
   assert "koniq10k: 3 images (0 skipped)" in capsys.readouterr().out
   # Still the one version folder: the existing build was checked and reused, not rewritten.
   assert [p.name for p in folder.parent.iterdir()] == ["1.0.0"]
+  other = tmp_path / "koniq_other"
+  shutil.copytree(releases["koniq10k"], other)
+  table = other / "koniq10k_scores_and_distributions.csv"
+  table.write_text(table.read_text().replace("3.479167", "3.5"))
+  assert tfds_build.main(["--dataset", "koniq10k", "--manual_dir", str(other),
+                          "--data_dir", str(tfds_dir)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "was made from a release whose koniq10k_scores_and_distributions.csv" \
+      in err[0] and f"Delete {folder}" in err[0]
 
 
 def test_build_names_bad_rows_or_skips_them(tmp_path, capsys):

@@ -103,8 +103,8 @@ def check_release(folder: str, data_dir: str) -> None:
       found = f"sha256 {now[file][:12]}" if file in now else "no such file"
       raise ValueError(f"{metadata['dataset']}: the TFDS build {folder} was made from a release "
                        f"whose {file} has sha256 {digest[:12]}, but {Path(data_dir) / file} has "
-                       f"{found}. Rebuild from this release (delete {folder} first), or "
-                       "drop --config.data.dir.")
+                       f"{found}. Delete {folder} and build from this release, or (to "
+                       "train from the build as it is) drop --config.data.dir.")
 
 
 @functools.lru_cache(maxsize=8)
