@@ -199,7 +199,8 @@ def find_config(name: str, options: dict) -> IqaConfig | None:
   if not configs:
     return None
   for config in configs:
-    if all(str(options.get(k, v)) == str(v) for k, v in config.options.items()):
+    # Text from --option or typed from the config: 'false' and False both pick drop_practice=False.
+    if all(str(options.get(k, v)).lower() == str(v).lower() for k, v in config.options.items()):
       return config
   asked = {k: options.get(k) for k in configs[0].options}
   known = ", ".join(describe_options(c.options) for c in configs)
