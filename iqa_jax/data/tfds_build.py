@@ -88,6 +88,8 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     root = Path(dl_manager.manual_dir)
     records = datasets.get_adapter(self.name)(str(root), **self._options())
+    print(f"{self.name}: checking {len(records)} images (each decoded once, as training from "
+          "the files does) ...", flush=True)
     records, skipped = pipeline.check_records(records, on_error=self._on_error)
     if not records:
       raise ValueError(f"{self.name}: no usable records in {root}.")
