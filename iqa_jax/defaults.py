@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 0
   c.data.on_error = "raise"  # raise | skip
   c.data.cache = ""
+  # TFDS (iqa_jax.data.tfds_source): "files" reads the release folder, "tfds" an ArrayRecord build
+  # of python -m iqa_jax.data.tfds_build; tfds_dir "" is $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.source = "files"  # files | tfds
+  c.data.tfds_dir = ""
   # Adapter options; each adapter ignores those it does not use (docs/datasets.md).
   c.data.options = ml_collections.ConfigDict({
       "resolution": "1024x768",  # KonIQ-10k: 1024x768 or 512x384

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from iqa_jax import metrics
-from iqa_jax.data import datasets, pipeline
+from iqa_jax.data import datasets, pipeline, tfds_source
 from iqa_jax.score import load_run
 
 
@@ -26,8 +26,11 @@ def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: st
   from iqa_jax.train import predict
   config, score_fn, params, pp_str = load_run(workdir, which)
   records = datasets.load_records(data_config)
-  records, skipped = pipeline.check_records(records, on_error=data_config.get("on_error", "raise"))
-  loader = pipeline.make_eval_loader(records, pp_str, batch_size or config.eval_batch_size)
+  tfds = tfds_source.build_dir(data_config)
+  records, skipped = pipeline.check_records(records, on_error=data_config.get("on_error", "raise"),
+                                            tfds=tfds)
+  loader = pipeline.make_eval_loader(records, pp_str, batch_size or config.eval_batch_size,
+                                     tfds=tfds)
   pred = predict(score_fn, params, loader, progress=progress, desc=f"eval {data_config.name}")
   mos = np.array([r.mos for r in records])
   result = {"train_dataset": config.data.name, "test_dataset": data_config.name,
@@ -50,11 +53,17 @@ def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: st
 
 
 def data_config_for(run_config, name: str, data_dir: str, options: dict | None = None,
-                    on_error: str = "raise") -> ml_collections.ConfigDict:
-  """The run's data config pointed at another dataset (its options reset to the defaults)."""
+                    on_error: str = "raise", source: str | None = None,
+                    tfds_dir: str | None = None) -> ml_collections.ConfigDict:
+  """The run's data config pointed at another dataset (its options reset to the defaults).
+
+  source / tfds_dir: None keeps the run's (a run trained from TFDS evaluates from TFDS).
+  """
   from iqa_jax.defaults import base_config
   d = base_config().data
   d.name, d.dir, d.on_error = name, data_dir, on_error
+  d.source = source or run_config.data.get("source", "files")
+  d.tfds_dir = run_config.data.get("tfds_dir", "") if tfds_dir is None else tfds_dir
   d.image_size = run_config.data.image_size
   for k, v in (options or {}).items():
     is_flag = isinstance(d.options.get(k), bool)
@@ -68,7 +77,11 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
   ap.add_argument("--dataset", required=True, help="clive, koniq10k, kadid10k, flive, spaq, "
                   "agiqa3k, agiqa1k, csv or demo")
-  ap.add_argument("--data_dir", required=True)
+  ap.add_argument("--data_dir", default="", help="the release folder (with --source tfds: "
+                  "optional, checked to be the release the build came from)")
+  ap.add_argument("--source", default=None, choices=("files", "tfds"),
+                  help="read the release folder or a TFDS build (default: as the run did)")
+  ap.add_argument("--tfds_dir", default=None, help="TFDS data dir (default: as the run did)")
   ap.add_argument("--option", action="append", default=[], help="adapter option k=v")
   ap.add_argument("--which", default="best", choices=("best", "last"))
   ap.add_argument("--out", default=None, help="output folder (default: the run folder)")
@@ -79,7 +92,10 @@ def main(argv=None) -> int:
     run_config = ml_collections.ConfigDict(
         json.loads((Path(a.workdir) / "config.json").read_text()))
     options = dict(kv.split("=", 1) for kv in a.option)
-    dc = data_config_for(run_config, a.dataset, a.data_dir, options, a.on_error)
+    dc = data_config_for(run_config, a.dataset, a.data_dir, options, a.on_error, a.source,
+                         a.tfds_dir)
+    if dc.source == "files" and not dc.dir:
+      raise ValueError("pass --data_dir (the release folder), or --source tfds to read a build.")
     r = evaluate_run(a.workdir, dc, a.which, a.out, a.batch_size, progress=True)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from iqa_jax import checkpoint, metrics, parallel
-from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.data import datasets, pipeline, pp, tfds_source
 from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model
 from iqa_jax.optim import make_optimizer
@@ -72,7 +72,8 @@ def gate_weights(params) -> dict[str, list[float]]:
 def load_data(config, workdir: Path):
   records = datasets.load_records(config.data)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
-                                            cache=config.data.cache or None)
+                                            cache=config.data.cache or None,
+                                            tfds=tfds_source.build_dir(config.data))
   if skipped:
     _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
          f"(listed in {workdir / 'skipped.csv'})")
@@ -111,9 +112,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
        + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
-  cache = config.data.cache or None
+  cache, tfds = config.data.cache or None, tfds_source.build_dir(config.data)
   loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
-                   shard_count=jax.process_count(), cache=cache)
+                   shard_count=jax.process_count(), cache=cache, tfds=tfds)
   steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, host_batch,
                                                    seed=config.seed, epoch=0, **loader_kw))
   schedule = resolve_schedule(config)
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode, grad_accum=optim.grad_accum,
                           keys=("image", "mos"))
   val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
-                                         workers=config.data.workers, cache=cache)
+                                         workers=config.data.workers, cache=cache, tfds=tfds)
   val_mos = np.array([r.mos for r in val_recs])
 
   for epoch in range(start_epoch, optim.epochs):
@@ -205,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "test" in splits and splits["test"]:
     best_state = ckpt.restore_best(state, labels) or state
     test_loader = pipeline.make_eval_loader(splits["test"], pp_str, config.eval_batch_size,
-                                            workers=config.data.workers, cache=cache)
+                                            workers=config.data.workers, cache=cache, tfds=tfds)
     test_scores = predict(eval_fn, best_state.params, test_loader)
     results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
   (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -46,10 +46,11 @@ def _cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def time_epoch(records, pp_str, workers, threads, batch_size, cache=None) -> tuple[float, float]:
+def time_epoch(records, pp_str, workers, threads, batch_size, cache=None,
+               tfds=None) -> tuple[float, float]:
   """(steady img/s of wall time, img per CPU-second over the whole epoch incl. start-up)."""
   loader = pipeline.make_train_loader(records, pp_str, batch_size, seed=0, epoch=0,
-                                      workers=workers, threads=threads, cache=cache)
+                                      workers=workers, threads=threads, cache=cache, tfds=tfds)
   cpu0 = _cpu_seconds()
   warmup = max(len(loader) // 4, 1)  # worker start-up and the prefetch buffer filling up
   for i, batch in enumerate(loader):

@@ -42,6 +42,9 @@ def get_adapter(name: str) -> Callable[..., list[Record]]:
 
 def load_records(data_config) -> list[Record]:
   """config.data {name, dir, options} -> the dataset's records (unchecked; see check_records)."""
+  if data_config.get("source", "files") != "files":  # a TFDS build (iqa_jax.data.tfds_source)
+    from iqa_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.load_records(data_config)
   if not data_config.dir:
     raise ValueError(f"Set --config.data.dir to the {data_config.name} folder (see {DOCS}).")
   options = dict(data_config.get("options") or {})

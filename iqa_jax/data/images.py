@@ -1,6 +1,8 @@
 """Decode any image file the IQA datasets ship into uint8 (H, W, 3) RGB."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -41,14 +43,14 @@ def to_rgb(img: Image.Image) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str, draft_size: int | None = None) -> np.ndarray:
-  """Reads `path` as uint8 (H, W, 3) RGB, EXIF orientation applied.
+def load_image(path: str, draft_size: int | None = None, data: bytes | None = None) -> np.ndarray:
+  """Reads `path` (or its bytes `data`, e.g. from TFDS) as uint8 (H, W, 3) RGB, EXIF applied.
 
   draft_size: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) while both sides stay
   >= draft_size; much faster for large photos, slightly different pixels from a full decode.
   """
   try:
-    with Image.open(path) as img:
+    with Image.open(path if data is None else io.BytesIO(data)) as img:
       if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
       img.load()

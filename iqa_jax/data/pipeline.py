@@ -1,7 +1,7 @@
 """Records -> batches on grain: a random-access source, shuffle, pp ops, batch, threads/workers.
 
-The source is any sequence of example dicts (`RecordSource` here, the prepare cache, or later a
-TFDS data source); the rest of the chain does not care which.
+The source is any sequence of example dicts (`RecordSource` here, the prepare cache, or a TFDS
+build, tfds_source.TfdsSource); the rest of the chain does not care which.
 """
 from __future__ import annotations
 
@@ -59,15 +59,21 @@ def _check_mos(r: Record) -> str | None:
 
 
 def check_records(records: Sequence[Record], on_error: str = "raise", threads: int = 8,
-                  cache: str | None = None) -> tuple[list[Record], list[tuple[str, str]]]:
+                  cache: str | None = None,
+                  tfds: str | None = None) -> tuple[list[Record], list[tuple[str, str]]]:
   """Verifies MOS values, duplicate paths and that each file decodes -> (kept, [(path, reason)]).
 
   on_error='raise' raises on the first bad record in order; 'skip' drops and returns them.
-  With a prepare cache, an image counts as readable when the cache holds it (no decoding).
+  With a prepare cache, an image counts as readable when the cache holds it (no decoding); with a
+  TFDS build (tfds: its folder), when the build holds it (it was checked when built).
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
-  if cache:
+  if tfds and not cache:
+    from iqa_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    held = {r.path for r in tfds_source.read_records(tfds)}
+    file_reasons = [None if r.path in held else f"not in the TFDS build {tfds}" for r in records]
+  elif cache:
     from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
     held = prepare.cached_paths(cache)
     file_reasons = [None if r.path in held else f"not in the cache {cache}" for r in records]
@@ -167,20 +173,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _source(records, cache, pp_str):
-  return CachedSource(records, cache, pp_str) if cache else RecordSource(records)
+def _source(records, cache, pp_str, tfds=None):
+  if cache:
+    return CachedSource(records, cache, pp_str)
+  if tfds:
+    from iqa_jax.data import tfds_source  # only a TFDS run needs tensorflow-datasets
+    return tfds_source.TfdsSource(records, tfds)
+  return RecordSource(records)
 
 
 def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *, seed: int,
                       epoch: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1,
                       drop_remainder: bool = True, threads: int | None = None,
-                      cache: str | None = None) -> Loader:
+                      cache: str | None = None, tfds: str | None = None) -> Loader:
   """Shuffled batches {'image', 'mos', 'index'} of one epoch for this shard (JAX process).
 
   All shards shuffle the whole dataset alike and take every shard_count-th example, so shards are
   disjoint; each takes len // shard_count examples, so all run the same number of steps.
   """
-  ds = grain.MapDataset.source(_source(records, cache, pp_str))
+  ds = grain.MapDataset.source(_source(records, cache, pp_str, tfds))
   ds = ds.shuffle(seed=epoch_seed(seed, epoch))
   per_shard = len(records) // shard_count
   ds = ds[shard_index:per_shard * shard_count:shard_count]
@@ -191,9 +202,9 @@ def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *
 
 def make_eval_loader(records: Sequence[Record], pp_str: str, batch_size: int, *,
                      workers: int = 0, threads: int | None = None,
-                     cache: str | None = None) -> Loader:
+                     cache: str | None = None, tfds: str | None = None) -> Loader:
   """Batches in record order; the last is zero-padded to batch_size, with a 'valid' mask."""
-  ds = grain.MapDataset.source(_source(records, cache, pp_str))
+  ds = grain.MapDataset.source(_source(records, cache, pp_str, tfds))
   ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
   ds = ds.batch(batch_size, drop_remainder=False).map(_pad_batch(batch_size))
   return Loader(ds, workers=workers, threads=threads)

@@ -48,10 +48,12 @@ def _pil_resize(image: np.ndarray, hw: tuple[int, int], resample: str) -> np.nda
 
 @register("decode")
 def get_decode(draft: int | None = None, key: str = "image") -> Op:
-  """example['path'] -> example[key] uint8 (H, W, 3); keeps an image already there (the cache)."""
+  """example['path'] (or its bytes example['encoded'], TFDS) -> example[key] uint8 (H, W, 3);
+  keeps an image already there (the cache)."""
   def _decode(example):
     if key not in example:
-      example[key] = images.load_image(example["path"], draft_size=draft)
+      example[key] = images.load_image(example["path"], draft_size=draft,
+                                       data=example.pop("encoded", None))
     return example
   return _decode
 
