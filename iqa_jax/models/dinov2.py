@@ -7,23 +7,18 @@ grid as HF's Dinov2Embeddings.interpolate_pos_encoding does (torch bicubic in fl
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from iqa_jax.models import hf_io, tower
 from iqa_jax.models.attention import attention
 from iqa_jax.models.lora import LoraDense
 from iqa_jax.models.posemb import resample_grid
-
-ACT = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-}
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +37,7 @@ class Dinov2Config:
 
   @classmethod
   def from_hf(cls, cfg: dict) -> Dinov2Config:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.items() if k in names})
+    return cls(**tower.fields_from(cls, cfg))
 
 
 VARIANTS = {
@@ -54,15 +48,15 @@ VARIANTS = {
 }
 
 
-class Mlp(nn.Module):
-  cfg: Dinov2Config
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    hidden = int(self.cfg.hidden_size * self.cfg.mlp_ratio)
-    x = nn.Dense(hidden, dtype=self.dtype, name="fc1")(x)
-    return nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(ACT[self.cfg.hidden_act](x))
+def pool_tokens(x, pool: str, num_prefix: int):
+  """(B, T, D) -> (B, D): mean of all tokens (App. A.1), of the patches alone, or the CLS."""
+  if pool == "mean":
+    return x.mean(axis=1)
+  if pool == "patch_mean":
+    return x[:, num_prefix:].mean(axis=1)
+  if pool == "cls":
+    return x[:, 0]
+  raise ValueError(f"config.model.pool={pool!r}; choose mean, patch_mean or cls")
 
 
 class SwiGLUFFN(nn.Module):
@@ -86,7 +80,7 @@ class SelfAttention(nn.Module):
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, *, deterministic: bool = True):
     rank, alpha, dropout = self.lora
     d, bias = self.cfg.hidden_size, self.cfg.qkv_bias
     q = LoraDense(d, rank, alpha, dropout, bias, dtype=self.dtype, name="q_proj")(x, deterministic)
@@ -107,135 +101,100 @@ class LayerScale(nn.Module):
 
 
 class Layer(nn.Module):
-  """x + ls1(attn(norm1 x)); x + ls2(mlp(norm2 x)). Returns (x, x) for nn.scan."""
-  cfg: Dinov2Config
+  """x + ls1(attention(norm1 x)); x + ls2(mlp(norm2 x)). DINOv3 brings its own attention, MLP.
+
+  `attention` and `mlp` build the two sub-blocks: attention(name=...)(x, *shared,
+  deterministic=...), mlp(name=...)(x); `shared` (DINOv3's RoPE tables) passes to attention.
+  """
+  attention: Callable[..., nn.Module]
+  mlp: Callable[..., nn.Module]
+  layer_norm_eps: float
+  layerscale_value: float
   dtype: Any
-  lora: tuple[int, float, float]
-  attention_impl: str
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
-    cfg = self.cfg
-    y = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
-    y = SelfAttention(cfg, self.dtype, self.lora, self.attention_impl, name="attention")(
-        y, deterministic)
-    x = x + LayerScale(cfg.layerscale_value, name="layer_scale1")(y)
-    y = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
-    mlp = SwiGLUFFN if cfg.use_swiglu_ffn else Mlp
-    y = mlp(cfg, self.dtype, name="mlp")(y)
-    x = x + LayerScale(cfg.layerscale_value, name="layer_scale2")(y)
-    return x, x
+  def __call__(self, x, *shared, deterministic: bool = True):
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
+    y = self.attention(name="attention")(y, *shared, deterministic=deterministic)
+    x = x + LayerScale(self.layerscale_value, name="layer_scale1")(y)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
+    return x + LayerScale(self.layerscale_value, name="layer_scale2")(self.mlp(name="mlp")(y))
 
 
-class Dinov2(nn.Module):
+class Dinov2(tower.TransformerTower):
   """(B, H, W, 3) normalised images -> (mean of last hidden state, {named intermediates})."""
   cfg: Dinov2Config
-  dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  lora_dropout: float = 0.0
-  remat: str = "none"  # none | nothing | dots | everything
-  scan: bool = True
-  attention_impl: str = "auto"
   pool: str = "mean"  # mean (all tokens, App. A.1) | patch_mean | cls
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    cfg, out = self.cfg, {}
+    cfg = self.cfg
     p, d = cfg.patch_size, cfg.hidden_size
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embeddings_patch_embeddings")(images.astype(self.dtype))
-    b, gh, gw, _ = x.shape
-    x = x.reshape(b, gh * gw, d)
+    x, (gh, gw) = tower.embed_patches(images, d, p, self.dtype, "embeddings_patch_embeddings")
     cls = self.param("embeddings_cls_token", nn.initializers.normal(0.02), (1, 1, d), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+    x = tower.prepend(x, cls)
     native = cfg.image_size // p
     posemb = self.param("embeddings_position_embeddings", nn.initializers.normal(0.02),
                         (native * native + 1, d), jnp.float32)
     posemb = jnp.concatenate([posemb[:1], resample_grid(posemb[1:], (native, native), (gh, gw))])
     x = x + posemb.astype(self.dtype)[None]
 
-    lora = (self.lora_rank, self.lora_alpha, self.lora_dropout)
-    layer = Layer
-    if self.remat != "none":
-      layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(2,),
-                       policy=tower.REMAT_POLICIES[self.remat])
-    deterministic = not train
-    if self.scan:
-      layers = nn.scan(layer, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=nn.broadcast, length=cfg.num_hidden_layers)
-      x, per_layer = layers(cfg, self.dtype, lora, self.attention_impl, name="encoder_layer")(
-          x, deterministic)
-      out["layers"] = per_layer  # (depth, B, T, D)
+    if cfg.use_swiglu_ffn:
+      mlp = functools.partial(SwiGLUFFN, cfg, self.dtype)
     else:
-      for i in range(cfg.num_hidden_layers):
-        x, y = layer(cfg, self.dtype, lora, self.attention_impl, name=f"encoder_layer_{i}")(
-            x, deterministic)
-        out[f"layer_{i}"] = y
+      mlp = functools.partial(tower.MlpBlock, int(d * cfg.mlp_ratio), cfg.hidden_act, self.dtype)
+    layer = functools.partial(
+        Layer, functools.partial(SelfAttention, cfg, self.dtype, self.lora, self.attention_impl),
+        mlp, cfg.layer_norm_eps, cfg.layerscale_value, self.dtype)
+    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
+                           name="encoder_layer")(x, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
     out["encoded"] = x  # HF last_hidden_state
-    pooled = {"mean": lambda: x.mean(axis=1), "patch_mean": lambda: x[:, 1:].mean(axis=1),
-              "cls": lambda: x[:, 0]}[self.pool]()
+    pooled = pool_tokens(x, self.pool, 1)
     out["pre_logits"] = pooled
     return pooled, out
 
 
-# HF module -> Flax module. Hub checkpoints name attention `attention.attention.{query,key,value}`
-# and `attention.output.dense`; transformers>=5 modules call them q/k/v/o_proj: both load.
-RENAMES = [
+# The weight table (hf_io.to_flax_tree). Hub checkpoints name attention
+# `attention.attention.{query,key,value}` and `attention.output.dense`; transformers>=5
+# modules call them q/k/v/o_proj: both load.
+_LAYER = r"encoder\.layer\.{i}\."
+WEIGHTS = [
     (r"embeddings\.patch_embeddings\.projection", "embeddings_patch_embeddings"),
-    (r"encoder\.layer\.{i}\.(?P<n>norm[12])", "encoder_layer/{n}"),
-    (r"encoder\.layer\.{i}\.attention\.attention\.query", "encoder_layer/attention/q_proj"),
-    (r"encoder\.layer\.{i}\.attention\.attention\.key", "encoder_layer/attention/k_proj"),
-    (r"encoder\.layer\.{i}\.attention\.attention\.value", "encoder_layer/attention/v_proj"),
-    (r"encoder\.layer\.{i}\.attention\.output\.dense", "encoder_layer/attention/o_proj"),
-    (r"encoder\.layer\.{i}\.attention\.(?P<proj>[qkvo]_proj)", "encoder_layer/attention/{proj}"),
-    (r"encoder\.layer\.{i}\.mlp\.(?P<fc>fc[12]|weights_in|weights_out)", "encoder_layer/mlp/{fc}"),
-    (r"encoder\.layer\.{i}\.(?P<ls>layer_scale[12])", "encoder_layer/{ls}"),
+    (r"embeddings\.cls_token", "embeddings_cls_token", hf_io.as_is),
+    (r"embeddings\.position_embeddings", "embeddings_position_embeddings", hf_io.drop_batch_axis),
+    (_LAYER + r"(?P<m>norm[12]|layer_scale[12])", "encoder_layer/{m}"),
+    (_LAYER + r"attention\.attention\.query", "encoder_layer/attention/q_proj"),
+    (_LAYER + r"attention\.attention\.key", "encoder_layer/attention/k_proj"),
+    (_LAYER + r"attention\.attention\.value", "encoder_layer/attention/v_proj"),
+    (_LAYER + r"attention\.output\.dense", "encoder_layer/attention/o_proj"),
+    (_LAYER + r"attention\.(?P<m>[qkvo]_proj)", "encoder_layer/attention/{m}"),
+    (_LAYER + r"mlp\.(?P<m>fc[12]|weights_in|weights_out)", "encoder_layer/mlp/{m}"),
     (r"layernorm", "layernorm"),
+    (r"embeddings\.mask_token|classifier\..*", None),
 ]
 
 
-def _special(name: str, value: np.ndarray):
-  if name == "embeddings.cls_token":
-    return [("embeddings_cls_token", value)]
-  if name == "embeddings.position_embeddings":
-    return [("embeddings_position_embeddings", value[0])]
-  return None
-
-
-def hf_params(tensors: dict[str, np.ndarray]) -> dict:
-  """HF Dinov2Model tensors -> Flax params of `Dinov2` (scan layout)."""
-  return hf_io.to_flax_tree(tensors, RENAMES, special=_special, strip_prefixes=("dinov2.",),
-                            skip=(r"embeddings\.mask_token", r"classifier\."))
-
-
-def load_hf_dinov2(path_or_id: str, **module_kwargs):
+def load_hf_dinov2(path_or_id: str, **module_kwargs) -> tower.Backbone:
   """Local folder or cached hub id -> (Dinov2 module, params, native preprocessing).
 
   >>> module, params, pp = load_hf_dinov2("facebook/dinov2-large", dtype=jnp.bfloat16)
   """
-  folder = hf_io.resolve_checkpoint(path_or_id)
-  cfg = Dinov2Config.from_hf(hf_io.read_json(folder, "config.json"))
-  module = Dinov2(cfg, **module_kwargs)
-  params = hf_params(hf_io.read_safetensors(folder))
-  if not module.scan:
-    params = tower.unscan(params, cfg.num_hidden_layers, "encoder_layer")
-  return module, params, hf_io.read_preprocessing(folder, 224)
+  folder, config, tensors = hf_io.read_checkpoint(path_or_id)
+  module = Dinov2(Dinov2Config.from_hf(config), **module_kwargs)
+  # Dinov2ForImageClassification nests the backbone under `dinov2.`.
+  params = hf_io.to_flax_tree(tensors, WEIGHTS, strip_prefixes=("dinov2.",))
+  params = tower.in_layout(params, module.scan, "encoder_layer")
+  return tower.Backbone(module, params, hf_io.read_preprocessing(folder, 224))
 
 
-def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import Backbone
-  kwargs = dict(
-      **tower.tower_kwargs(model_config),
-      pool=model_config.get("pool", "mean"),
-  )
-  if model_config.get("init"):
-    return Backbone(*load_hf_dinov2(model_config.init, **kwargs))
-  cfg = tower.variant_config(model_config, VARIANTS, "l/14")
-  # ImageNet statistics, bicubic, resize 256 + crop 224 (preprocessor_config.json of dinov2-large).
-  pp = {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "resample": "bicubic"}
-  return Backbone(Dinov2(cfg, **kwargs), None, pp)
+def random_preprocessing(cfg: Dinov2Config) -> dict:
+  """ImageNet statistics, bicubic, 256 then crop 224 (preprocessor_config.json of dinov2-large)."""
+  return {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
+          "std": (0.229, 0.224, 0.225), "resample": "bicubic"}
+
+
+def build(model_config) -> tower.Backbone:
+  """Registry entry (tower.build): `config.model.init`, or a random `variant` + `arch`."""
+  return tower.build(model_config, load_hf_dinov2, Dinov2, VARIANTS, "l/14", random_preprocessing,
+                     pool=model_config.get("pool", "mean"))

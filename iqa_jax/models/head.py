@@ -25,7 +25,10 @@ class GatedActivation(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    const = lambda v: (lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype))
+
+    def const(v):
+      return lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype)
+
     g = self.param("g", const(0.0), (c,))
     alpha = self.param("alpha", const(1.0), (c,))
     beta = self.param("beta", const(0.0), (c,))

@@ -20,7 +20,8 @@ def resolve_checkpoint(path_or_id: str) -> Path:
   if p.is_dir():
     return p
   if p.exists():
-    raise CheckpointNotFoundError(f"{p} is a file; pass the checkpoint folder that holds config.json")
+    raise CheckpointNotFoundError(
+        f"{p} is a file; pass the checkpoint folder that holds config.json")
   try:
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(str(path_or_id), local_files_only=True,
@@ -82,9 +83,21 @@ def read_preprocessing(folder: Path, default_size: int) -> dict:
   }
 
 
-# A rename rule: (HF module regex, Flax module path template). Parameter names follow the rule in
-# `convert_leaf`; `{i}` in a regex marks a layer index, stacked on axis 0 for nn.scan.
-RenameTable = Iterable[tuple[str, str]]
+def read_checkpoint(path_or_id: str) -> tuple[Path, dict, dict[str, np.ndarray]]:
+  """Local folder or cached hub id -> (folder, config.json, all tensors as float32 numpy)."""
+  folder = resolve_checkpoint(path_or_id)
+  return folder, read_json(folder, "config.json"), read_safetensors(folder)
+
+
+# A weight table row: (checkpoint regex, Flax path template[, transform]). A row without a
+# transform names a torch module and takes its `.weight`, `.bias`, ... tensors through
+# `convert_leaf`. A row with a transform names whole tensors; a group `leaf` tells the transform
+# which torch leaf a tensor is (`in_proj_weight`, `qkv.bias`). `{i}` marks a layer index: those
+# tensors are stacked on axis 0, the nn.scan layout. Other named groups fill the template.
+# A row (regex, None) names tensors the model does not use (a text tower, a classifier).
+# A transform maps (torch leaf or None, tensor) to [(Flax sub-path or "", array), ...].
+Transform = Callable[[str | None, np.ndarray], list[tuple[str, np.ndarray]]]
+WeightTable = Iterable[tuple[str, str | None] | tuple[str, str, Transform]]
 
 
 def convert_leaf(hf_param: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -98,16 +111,43 @@ def convert_leaf(hf_param: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return hf_param, value
 
 
-def to_flax_tree(tensors: dict[str, np.ndarray], table: RenameTable, *,
-                 strip_prefixes: tuple[str, ...] = (), special: Callable | None = None,
-                 skip: tuple[str, ...] = ()) -> dict:
-  """Map HF tensor names through `table` into a nested Flax params dict.
+def torch_module(leaf: str | None, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """The default transform: a torch module's tensor -> its Flax leaf (`convert_leaf`)."""
+  return [convert_leaf(leaf, value)]
 
-  `special(name, value)` may return [(flax_path, value), ...] for tensors that are not one
-  module's weight (fused projections, bare parameters); None falls through to the table.
+
+def as_is(leaf: str | None, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """A bare parameter (token, probe, position table) that the model holds as stored."""
+  return [("", value)]
+
+
+def drop_batch_axis(leaf: str | None, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """A (1, n, d) parameter held as (n, d): the position tables of DINOv2 and timm."""
+  return [("", value.reshape(value.shape[1:]))]
+
+
+def split(*parts: str) -> Transform:
+  """A fused projection (torch rows [q; k; v]) -> one Flax module per part: `part/kernel`, ..."""
+  def transform(leaf, value):
+    return [(f"{part}/{name}", v) for part, chunk in zip(parts, np.split(value, len(parts)),
+                                                         strict=True)
+            for name, v in [convert_leaf(leaf, chunk)]]
+  return transform
+
+
+def to_flax_tree(tensors: dict[str, np.ndarray], table: WeightTable, *,
+                 strip_prefixes: tuple[str, ...] = ()) -> dict:
+  """Map checkpoint tensors through the weight `table` into a nested Flax params dict.
+
+  Every tensor must match a row (the first that matches wins): a new tensor in a checkpoint
+  is an error, never silently dropped.
   """
-  compiled = [(re.compile("^" + rx.replace("{i}", r"(?P<i>\d+)") + r"\.(?P<p>\w+)$"), dst)
-              for rx, dst in table]
+  rows = []
+  for rx, dst, *transform in table:
+    rx = "(?:" + rx.replace("{i}", r"(?P<i>\d+)") + ")"
+    if dst is not None and not transform:
+      rx += r"\.(?P<leaf>\w+)"
+    rows.append((re.compile(f"^{rx}$"), dst, transform[0] if transform else torch_module))
   flat: dict[str, np.ndarray] = {}
   stacked: dict[str, dict[int, np.ndarray]] = {}
   unused = []
@@ -116,29 +156,23 @@ def to_flax_tree(tensors: dict[str, np.ndarray], table: RenameTable, *,
       if name.startswith(pre):
         name = name[len(pre):]
         break
-    if any(re.match(s, name) for s in skip):
-      continue
-    pairs = special(name, value) if special else None
-    if pairs is None:
-      for rx, dst in compiled:
-        m = rx.match(name)
-        if m:
-          leaf, v = convert_leaf(m.group("p"), value)
-          path = dst.format(**{k: v for k, v in m.groupdict().items() if k != "i"}) + "/" + leaf
-          pairs = [(path, v, int(m.group("i")) if m.groupdict().get("i") else None)]
-          break
-    else:
-      pairs = [(p, v, None) for p, v in pairs]
-    if pairs is None:
+    hit = next(((m, dst, t) for rx, dst, t in rows if (m := rx.match(name))), None)
+    if hit is None:
       unused.append(name)
       continue
-    for path, v, layer in pairs:
-      if layer is None:
+    m, dst, transform = hit
+    if dst is None:
+      continue
+    groups = m.groupdict()
+    module = dst.format(**{k: v for k, v in groups.items() if k not in ("i", "leaf")})
+    for sub, v in transform(groups.get("leaf"), value):
+      path = f"{module}/{sub}" if sub else module
+      if groups.get("i") is None:
         flat[path] = v
       else:
-        stacked.setdefault(path, {})[layer] = v
+        stacked.setdefault(path, {})[int(groups["i"])] = v
   if unused:
-    raise ValueError(f"Checkpoint tensors with no rename rule: {unused[:8]}"
+    raise ValueError(f"Checkpoint tensors with no weight-table row: {unused[:8]}"
                      f"{' ...' if len(unused) > 8 else ''}")
   for path, layers in stacked.items():
     flat[path] = np.stack([layers[i] for i in sorted(layers)])

@@ -78,6 +78,6 @@ def param_labels(params, mode: str):
 
 def count_by_label(params, labels) -> dict[str, int]:
   counts: dict[str, int] = {}
-  for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-    counts[l] = counts.get(l, 0) + int(np.prod(p.shape))
+  for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True):
+    counts[label] = counts.get(label, 0) + int(np.prod(p.shape))
   return counts

@@ -1,10 +1,7 @@
 """Backbone registry and the full IQA model: backbone feature -> quality head -> score."""
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -12,43 +9,33 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax.models import hf_io
+from iqa_jax.models import clip, dinov2, dinov3, hf_io, pe, resnet, siglip, siglip2_naflex
 from iqa_jax.models.head import QualityHead, resolve_head
+from iqa_jax.models.tower import DTYPES, Backbone  # noqa: F401 - the names callers know
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass
-class Backbone:
-  """What a backbone family's `build(model_config)` returns."""
-  module: nn.Module          # __call__(images NHWC, train) -> (feature (B, d), {intermediates})
-  params: dict | None        # pretrained params in the module's layout, or None for random init
-  preprocessing: dict        # native recipe: size, crop, mean, std, resample
-
-
-# family -> "module:function". Each family file owns its checkpoint quirks (STYLE.md).
-BACKBONES: dict[str, str] = {
-    "siglip": "iqa_jax.models.siglip:build",
-    "clip": "iqa_jax.models.clip:build",
-    "dinov2": "iqa_jax.models.dinov2:build",
-    "resnet": "iqa_jax.models.resnet:build",
-    "dinov3": "iqa_jax.models.dinov3:build",
-    "siglip2_naflex": "iqa_jax.models.siglip2_naflex:build",
-    "pe": "iqa_jax.models.pe:build",
+# family -> build(config.model) -> Backbone. Each family file owns its checkpoint quirks
+# (STYLE.md); the families import `tower`, never this file, so the imports run one way.
+BACKBONES: dict[str, Callable[[ml_collections.ConfigDict], Backbone]] = {
+    "siglip": siglip.build,
+    "clip": clip.build,
+    "dinov2": dinov2.build,
+    "resnet": resnet.build,
+    "dinov3": dinov3.build,
+    "siglip2_naflex": siglip2_naflex.build,
+    "pe": pe.build,
 }
 
 
-def register_backbone(family: str, target: str) -> None:
-  BACKBONES[family] = target
+def register_backbone(family: str, build: Callable[[ml_collections.ConfigDict], Backbone]) -> None:
+  BACKBONES[family] = build
 
 
 def build_backbone(model_config: ml_collections.ConfigDict) -> Backbone:
   family = model_config.backbone
   if family not in BACKBONES:
-    raise ValueError(f"config.model.backbone={family!r} is unknown; choose one of {sorted(BACKBONES)}")
-  mod, fn = BACKBONES[family].split(":")
-  build: Callable[[Any], Backbone] = getattr(importlib.import_module(mod), fn)
-  return build(model_config)
+    raise ValueError(f"config.model.backbone={family!r} is unknown; "
+                     f"choose one of {sorted(BACKBONES)}")
+  return BACKBONES[family](model_config)
 
 
 def normalize_on_device(images, mean, std):
@@ -82,7 +69,7 @@ class IQAModel(nn.Module):
 
 
 def create_model(config: ml_collections.ConfigDict, rng=None):
-  """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights overlaid."""
+  """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights in."""
   bb = build_backbone(config.model)
   model = IQAModel(backbone=bb.module,
                    head=QualityHead(acts=resolve_head(config.model.head),

@@ -15,18 +15,19 @@ are not built. LoRA (§3.1) goes on q and k: the fused qkv projection is split i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from iqa_jax.models import hf_io, tower
-from iqa_jax.models.attention import attention
+from iqa_jax.models.attention import attention, rotate_patches
 from iqa_jax.models.lora import LoraDense
+from iqa_jax.models.posemb import resample_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,45 +60,9 @@ VARIANTS = {
 }
 
 
-def _aa_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-
-
-def torch_aa_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) matrix of F.interpolate(mode='bicubic', antialias=True) along one axis.
-
-  torch's antialiased path is PIL's resampler: a=-0.5 cubic, stretched by the downscale factor,
-  taps clipped to the input and renormalised (no edge replication).
-  """
-  scale = n_in / n_out
-  stretch = max(scale, 1.0)
-  support = 2.0 * stretch
-  m = np.zeros((n_out, n_in), np.float64)
-  for o in range(n_out):
-    center = scale * (o + 0.5)
-    lo = max(int(center - support + 0.5), 0)
-    hi = min(int(center + support + 0.5), n_in)
-    w = _aa_cubic((np.arange(lo, hi) - center + 0.5) / stretch)
-    m[o, lo:hi] = w / w.sum()
-  return m
-
-
-def resample_positions(posemb, grid_in: tuple[int, int], grid_out: tuple[int, int]):
-  """(h*w, d) table -> grid_out, as timm's resample_abs_pos_embed (bicubic, antialias=True)."""
-  if tuple(grid_in) == tuple(grid_out):
-    return posemb
-  d = posemb.shape[-1]
-  grid = posemb.reshape(grid_in[0], grid_in[1], d).astype(jnp.float32)
-  mh = jnp.asarray(torch_aa_bicubic_matrix(grid_in[0], grid_out[0]), jnp.float32)
-  mw = jnp.asarray(torch_aa_bicubic_matrix(grid_in[1], grid_out[1]), jnp.float32)
-  out = jnp.einsum("oh,hwd,pw->opd", mh, grid, mw, precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(grid_out[0] * grid_out[1], d).astype(posemb.dtype)
-
-
-def rope_tables(grid: tuple[int, int], head_dim: int, cfg: PEConfig) -> tuple[np.ndarray, np.ndarray]:
-  """sin, cos (h*w, head_dim) of timm's RotaryEmbeddingCat(in_pixels=False, grid_indexing='xy').
+def rope_tables(grid: tuple[int, int], head_dim: int,
+                cfg: PEConfig) -> tuple[np.ndarray, np.ndarray]:
+  """cos, sin (h*w, head_dim) of timm's RotaryEmbeddingCat(in_pixels=False, grid_indexing='xy').
 
   Per axis, coordinates (index + offset) rescaled to the reference grid, times head_dim/4
   inverse-temperature bands; [x bands, y bands], each value repeated for an interleaved pair.
@@ -112,67 +77,49 @@ def rope_tables(grid: tuple[int, int], head_dim: int, cfg: PEConfig) -> tuple[np
   coords = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(h * w, 2)  # (x, y)
   angles = (coords[:, :, None] * bands.astype(np.float32)).reshape(h * w, 2 * n)
   angles = np.repeat(angles, 2, axis=-1)
-  return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x, sin, cos, num_heads: int, num_prefix: int):
-  """Rotate interleaved pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) of the patch tokens per head."""
-  b, t, d = x.shape
-  heads = x.reshape(b, t, num_heads, d // num_heads)
-  prefix, patches = heads[:, :num_prefix], heads[:, num_prefix:]
-  pairs = patches.reshape(patches.shape[:-1] + (-1, 2))
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(patches.shape)
-  s, c = sin[None, :, None].astype(x.dtype), cos[None, :, None].astype(x.dtype)
-  patches = patches * c + rotated * s
-  return jnp.concatenate([prefix, patches], axis=1).reshape(b, t, d)
-
-
-class Mlp(nn.Module):
-  hidden: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(jax.nn.gelu(x, approximate=False))
+def rotate_pairs(x):
+  """timm's rot: interleaved pairs (x0, x1) -> (-x1, x0)."""
+  pairs = x.reshape(x.shape[:-1] + (-1, 2))
+  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
 
 
 class Attention(nn.Module):
   cfg: PEConfig
   dtype: Any
-  lora: tuple[int, float, float]  # rank, alpha, dropout on q/k (§3.1)
+  lora: tuple[int, float, float]  # LoRA on q, k (§3.1): rank, alpha, dropout
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x, rope, deterministic: bool = True):
+  def __call__(self, x, rope, *, deterministic: bool = True):
     cfg, (rank, alpha, dropout) = self.cfg, self.lora
     d, h = cfg.embed_dim, cfg.num_heads
     q = LoraDense(d, rank, alpha, dropout, dtype=self.dtype, name="q")(x, deterministic)
     k = LoraDense(d, rank, alpha, dropout, dtype=self.dtype, name="k")(x, deterministic)
     v = nn.Dense(d, dtype=self.dtype, name="v")(x)
-    n_prefix = int(cfg.class_token)
-    q, k = apply_rope(q, *rope, h, n_prefix), apply_rope(k, *rope, h, n_prefix)
+    q, k = (rotate_patches(t, *rope, h, rotate_pairs) for t in (q, k))
     y = attention(q, k, v, h, self.attention_impl)
     return nn.Dense(d, dtype=self.dtype, name="proj")(y)
 
 
 class Block(nn.Module):
-  """x + attn(norm1 x); x + mlp(norm2 x). Returns (x, x) for nn.scan."""
+  """x + attn(norm1 x); x + mlp(norm2 x)."""
   cfg: PEConfig
   dtype: Any
   lora: tuple[int, float, float]
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x, rope, deterministic: bool = True):
+  def __call__(self, x, rope, *, deterministic: bool = True):
     cfg = self.cfg
     y = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
     x = x + Attention(cfg, self.dtype, self.lora, self.attention_impl, name="attn")(
-        y, rope, deterministic)
+        y, rope, deterministic=deterministic)
     y = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
-    x = x + Mlp(int(cfg.embed_dim * cfg.mlp_ratio), self.dtype, name="mlp")(y)
-    return x, x
+    return x + tower.MlpBlock(int(cfg.embed_dim * cfg.mlp_ratio), "gelu", self.dtype,
+                              name="mlp")(y)
 
 
 class AttentionPool(nn.Module):
@@ -191,62 +138,36 @@ class AttentionPool(nn.Module):
     y = attention(q, kv[..., :d], kv[..., d:], cfg.attn_pool_num_heads, "xla")
     y = nn.Dense(d, dtype=self.dtype, name="proj")(y)
     z = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm")(y)
-    y = y + Mlp(int(d * cfg.attn_pool_mlp_ratio), self.dtype, name="mlp")(z)
+    y = y + tower.MlpBlock(int(d * cfg.attn_pool_mlp_ratio), "gelu", self.dtype, name="mlp")(z)
     return y[:, 0]
 
 
-class PerceptionEncoder(nn.Module):
+class PerceptionEncoder(tower.TransformerTower):
   """(B, H, W, 3) normalised images -> (projected pooled feature of block `tap_layer`, {...})."""
   cfg: PEConfig
   tap_layer: int = 20  # App. B: layer 20 is best for IQA; -1: the last block
-  dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  lora_dropout: float = 0.0
-  remat: str = "none"  # none | nothing | dots | everything
-  scan: bool = True
-  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    cfg, out = self.cfg, {}
+    cfg = self.cfg
     p, d = cfg.patch_size, cfg.embed_dim
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                name="patch_embed_proj")(images.astype(self.dtype))
-    b, gh, gw, _ = x.shape
-    x = x.reshape(b, gh * gw, d)
+    x, (gh, gw) = tower.embed_patches(images, d, p, self.dtype, "patch_embed_proj", use_bias=False)
     native = cfg.img_size // p
     n_prefix = int(cfg.class_token)
     posemb = self.param("pos_embed", nn.initializers.normal(0.02),
                         (native * native + n_prefix, d), jnp.float32)
-    posemb = jnp.concatenate([posemb[:n_prefix],
-                              resample_positions(posemb[n_prefix:], (native, native), (gh, gw))])
+    posemb = jnp.concatenate([posemb[:n_prefix], resample_grid(
+        posemb[n_prefix:], (native, native), (gh, gw), antialias=True)])
     if cfg.class_token:
-      cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+      x = tower.prepend(x, self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d),
+                                      jnp.float32))
     x = x + posemb.astype(self.dtype)[None]
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm_pre")(x)
     rope = tuple(jnp.asarray(t, self.dtype) for t in rope_tables((gh, gw), d // cfg.num_heads, cfg))
 
-    depth = num_blocks(cfg, self.tap_layer)
-    lora = (self.lora_rank, self.lora_alpha, self.lora_dropout)
-    block = Block
-    if self.remat != "none":
-      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,),
-                       policy=tower.REMAT_POLICIES[self.remat])
-    deterministic = not train
-    if self.scan:
-      blocks = nn.scan(block, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=depth)
-      x, per_layer = blocks(cfg, self.dtype, lora, self.attention_impl, name="blocks")(
-          x, rope, deterministic)
-      out["layers"] = per_layer  # (tap_layer + 1, B, T, D)
-    else:
-      for i in range(depth):
-        x, y = block(cfg, self.dtype, lora, self.attention_impl, name=f"blocks_{i}")(
-            x, rope, deterministic)
-        out[f"layer_{i}"] = y
+    layer = functools.partial(Block, cfg, self.dtype, self.lora, self.attention_impl)
+    x, out = tower.Encoder(layer, num_blocks(cfg, self.tap_layer), self.scan, self.remat,
+                           name="blocks")(x, rope, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm")(x)
     out["encoded"] = x
     pooled = AttentionPool(cfg, self.dtype, name="attn_pool")(x)
@@ -265,43 +186,31 @@ def num_blocks(cfg: PEConfig, tap_layer: int) -> int:
   return n + 1
 
 
-# timm module -> Flax module. `{i}` blocks are stacked for nn.scan.
-RENAMES = [
+# The weight table (hf_io.to_flax_tree). timm fuses q, k, v into one projection: split at
+# load, so LoRA can sit on q and k (§3.1).
+WEIGHTS = [
     (r"patch_embed\.proj", "patch_embed_proj"),
+    (r"cls_token", "cls_token", hf_io.as_is),
+    (r"pos_embed", "pos_embed", hf_io.drop_batch_axis),
     (r"norm_pre", "norm_pre"),
-    (r"blocks\.{i}\.(?P<n>norm[12])", "blocks/{n}"),
-    (r"blocks\.{i}\.attn\.(?P<m>q|k|v|proj)", "blocks/attn/{m}"),
-    (r"blocks\.{i}\.mlp\.(?P<fc>fc[12])", "blocks/mlp/{fc}"),
+    (r"blocks\.{i}\.(?P<m>norm[12])", "blocks/{m}"),
+    (r"blocks\.{i}\.attn\.qkv\.(?P<leaf>weight|bias)", "blocks/attn", hf_io.split("q", "k", "v")),
+    (r"blocks\.{i}\.attn\.proj", "blocks/attn/proj"),
+    (r"blocks\.{i}\.mlp\.(?P<m>fc[12])", "blocks/mlp/{m}"),
     (r"norm", "norm"),
+    (r"attn_pool\.latent", "attn_pool/latent", hf_io.as_is),
     (r"attn_pool\.(?P<m>q|kv|proj|norm)", "attn_pool/{m}"),
-    (r"attn_pool\.mlp\.(?P<fc>fc[12])", "attn_pool/mlp/{fc}"),
+    (r"attn_pool\.mlp\.(?P<m>fc[12])", "attn_pool/mlp/{m}"),
     (r"head", "head"),
+    (r"rope\..*|fc_norm\..*", None),
 ]
 
 
-def _special(name: str, value: np.ndarray):
-  if name in ("cls_token", "attn_pool.latent"):
-    return [(name.replace(".", "/"), value)]
-  if name == "pos_embed":
-    return [("pos_embed", value[0])]
-  return None
-
-
 def hf_params(tensors: dict[str, np.ndarray], depth: int) -> dict:
-  """timm Eva (vit_pe_core_*) tensors -> Flax params of `PerceptionEncoder`, first `depth` blocks.
-
-  The fused qkv projection is split into q, k, v so LoRA can sit on q and k (§3.1).
-  """
-  split = {}
-  for name, value in tensors.items():
-    if name.startswith("blocks.") and int(name.split(".")[1]) >= depth:
-      continue  # blocks past the tap do not exist in the module
-    if ".attn.qkv." in name:
-      for part, chunk in zip("qkv", np.split(value, 3, axis=0)):
-        split[name.replace(".qkv.", f".{part}.")] = chunk
-    else:
-      split[name] = value
-  return hf_io.to_flax_tree(split, RENAMES, special=_special, skip=(r"rope\.", r"fc_norm\."))
+  """timm Eva (vit_pe_core_*) tensors -> Flax params of `PerceptionEncoder` (`depth` blocks)."""
+  built = "|".join(str(i) for i in range(depth))
+  past_tap = (rf"blocks\.(?!(?:{built})\.).*", None)  # the blocks after the tap are not built
+  return hf_io.to_flax_tree(tensors, [past_tap, *WEIGHTS])
 
 
 def config_from_timm(cfg: dict) -> PEConfig:
@@ -309,12 +218,9 @@ def config_from_timm(cfg: dict) -> PEConfig:
   arch = cfg.get("architecture", "vit_pe_core_large_patch14_336")
   if arch not in VARIANTS:
     raise ValueError(f"pe: architecture {arch!r} is not one of {sorted(VARIANTS)}")
-  names = {f.name for f in dataclasses.fields(PEConfig)}
-  args = {k: v for k, v in dict(cfg.get("model_args") or {}).items() if k in names}
+  args = tower.fields_from(PEConfig, dict(cfg.get("model_args") or {}))
   if "num_classes" in cfg:
     args["num_classes"] = cfg["num_classes"]
-  if "ref_feat_shape" in args:
-    args["ref_feat_shape"] = tuple(args["ref_feat_shape"])
   pretrained = cfg.get("pretrained_cfg") or {}
   if "input_size" in pretrained and "img_size" not in args:
     args["img_size"] = int(pretrained["input_size"][-1])
@@ -332,36 +238,26 @@ def timm_preprocessing(cfg: dict, img_size: int) -> dict:
           "resample": pretrained.get("interpolation", "bicubic")}
 
 
-def load_timm_pe(path_or_id: str, tap_layer: int = 20, **module_kwargs):
+def load_timm_pe(path_or_id: str, tap_layer: int = 20, **module_kwargs) -> tower.Backbone:
   """Local folder or cached hub id of a timm PE checkpoint -> (module, params, preprocessing).
 
   >>> module, params, pp = load_timm_pe("timm/vit_pe_core_large_patch14_336.fb", tap_layer=20)
   """
-  folder = hf_io.resolve_checkpoint(path_or_id)
-  raw = hf_io.read_json(folder, "config.json")
-  cfg = config_from_timm(raw)
-  module = PerceptionEncoder(cfg, tap_layer, **module_kwargs)
-  depth = num_blocks(cfg, tap_layer)
-  params = hf_params(hf_io.read_safetensors(folder), depth)
-  if not module.scan:
-    params = tower.unscan(params, depth, "blocks")
-  return module, params, timm_preprocessing(raw, cfg.img_size)
+  _, config, tensors = hf_io.read_checkpoint(path_or_id)
+  cfg = config_from_timm(config)
+  module = PerceptionEncoder(cfg, tap_layer=tap_layer, **module_kwargs)
+  params = hf_params(tensors, num_blocks(cfg, tap_layer))
+  return tower.Backbone(module, tower.in_layout(params, module.scan, "blocks"),
+                        timm_preprocessing(config, cfg.img_size))
 
 
-def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import Backbone
-  tap_layer = int(model_config.get("tap_layer", 20))
-  kwargs = dict(
-      **tower.tower_kwargs(model_config),
-  )
-  if model_config.get("init"):
-    return Backbone(*load_timm_pe(model_config.init, tap_layer, **kwargs))
-  variant = model_config.get("variant", "vit_pe_core_large_patch14_336")
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-          for k, v in dict(model_config.get("arch", {})).items()}
-  cfg = dataclasses.replace(VARIANTS[variant], **arch)
-  pp = timm_preprocessing({}, cfg.img_size)
-  return Backbone(PerceptionEncoder(cfg, tap_layer, **kwargs), None, pp)
+def random_preprocessing(cfg: PEConfig) -> dict:
+  """timm's PE-Core recipe at the architecture's input size."""
+  return timm_preprocessing({}, cfg.img_size)
+
+
+def build(model_config) -> tower.Backbone:
+  """Registry entry (tower.build): `config.model.init`, or a random `variant` + `arch`."""
+  return tower.build(model_config, load_timm_pe, PerceptionEncoder, VARIANTS,
+                     "vit_pe_core_large_patch14_336", random_preprocessing,
+                     tap_layer=int(model_config.get("tap_layer", 20)))

@@ -33,8 +33,7 @@ class ResNetConfig:
   def from_hf(cls, cfg: dict) -> ResNetConfig:
     if cfg.get("hidden_act", "relu") != "relu":
       raise ValueError(f"resnet: hidden_act={cfg['hidden_act']!r} is not supported (relu only)")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names})
+    return cls(**tower.fields_from(cls, cfg))
 
 
 VARIANTS = {
@@ -97,8 +96,9 @@ class FrozenBatchNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    mean = jax.lax.stop_gradient(self.param("running_mean", nn.initializers.zeros, (c,), jnp.float32))
-    var = jax.lax.stop_gradient(self.param("running_var", nn.initializers.ones, (c,), jnp.float32))
+    mean = self.param("running_mean", nn.initializers.zeros, (c,), jnp.float32)
+    var = self.param("running_var", nn.initializers.ones, (c,), jnp.float32)
+    mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
     mul = scale * jax.lax.rsqrt(var + self.eps)
     return (x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)).astype(self.dtype)
 
@@ -130,7 +130,7 @@ class ResidualLayer(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, *, deterministic: bool = True):
     kw = dict(lora=self.lora, dtype=self.dtype)
     residual = x
     if x.shape[-1] != self.features or self.strides != 1:
@@ -147,14 +147,9 @@ class ResidualLayer(nn.Module):
     return nn.relu(x + residual)
 
 
-class ResNet(nn.Module):
+class ResNet(tower.Tower):
   """(B, H, W, 3) normalised images -> (pooler_output (B, C), {named intermediates})."""
   cfg: ResNetConfig
-  dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  lora_dropout: float = 0.0
-  remat: str = "none"  # none | nothing | dots | everything (per residual block)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -164,16 +159,18 @@ class ResNet(nn.Module):
     # torch MaxPool2d(3, 2, padding=1) pads with -inf.
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     out["stem"] = x
-    lora = (self.lora_rank, self.lora_alpha, self.lora_dropout)
-    block = ResidualLayer
+
+    def run(block, x):  # `train` is closed over: remat sees a Python constant
+      return block(x, deterministic=not train)
+
     if self.remat != "none":
-      block = nn.remat(block, static_argnums=(2,), policy=tower.REMAT_POLICIES[self.remat])
-    for s, (features, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
+      run = nn.remat(run, policy=tower.REMAT_POLICIES[self.remat])
+    for s, (features, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths, strict=True)):
       stride = 2 if s > 0 or cfg.downsample_in_first_stage else 1
       for j in range(depth):
-        x = block(features, stride if j == 0 else 1, cfg.layer_type == "bottleneck",
-                  cfg.downsample_in_bottleneck, lora, self.dtype,
-                  name=f"encoder_stages_{s}_layers_{j}")(x, not train)
+        x = run(ResidualLayer(features, stride if j == 0 else 1, cfg.layer_type == "bottleneck",
+                              cfg.downsample_in_bottleneck, self.lora, self.dtype,
+                              name=f"encoder_stages_{s}_layers_{j}"), x)
       out[f"stage_{s}"] = x
     out["encoded"] = x  # HF last_hidden_state (NHWC here)
     pooled = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
@@ -181,9 +178,11 @@ class ResNet(nn.Module):
     return pooled, out
 
 
-# HF module -> Flax module; BN leaves keep their names: weight->scale, bias, running_mean/var.
+# Checkpoint module -> Flax module (hf_io.to_flax_tree). BatchNorm leaves keep their names but
+# weight -> scale: bias, running_mean, running_var.
 _BLOCK = r"encoder\.stages\.(?P<s>\d+)\.layers\.(?P<j>\d+)"
-RENAMES = [
+WEIGHTS = [
+    (r".*num_batches_tracked|classifier\..*", None),  # first: the BatchNorm rows would take it
     (r"embedder\.embedder\.(?P<m>convolution|normalization)", "embedder/{m}"),
     (_BLOCK + r"\.shortcut\.(?P<m>convolution|normalization)",
      "encoder_stages_{s}_layers_{j}/shortcut/{m}"),
@@ -192,45 +191,29 @@ RENAMES = [
 ]
 
 
-def hf_params(tensors: dict[str, np.ndarray]) -> dict:
-  """HF ResNetModel / ResNetForImageClassification tensors -> Flax params of `ResNet`."""
-  return hf_io.to_flax_tree(tensors, RENAMES, strip_prefixes=("resnet.",),
-                            skip=(r".*num_batches_tracked", r"classifier\."))
-
-
-def load_hf_resnet(path_or_id: str, **module_kwargs):
+def load_hf_resnet(path_or_id: str, **module_kwargs) -> tower.Backbone:
   """Local folder or cached hub id -> (ResNet module, params, native preprocessing).
 
   >>> module, params, pp = load_hf_resnet("microsoft/resnet-152", dtype=jnp.bfloat16)
   """
-  folder = hf_io.resolve_checkpoint(path_or_id)
-  cfg = ResNetConfig.from_hf(hf_io.read_json(folder, "config.json"))
-  module = ResNet(cfg, **module_kwargs)
-  params = hf_params(hf_io.read_safetensors(folder))
+  folder, config, tensors = hf_io.read_checkpoint(path_or_id)
   pp = hf_io.read_preprocessing(folder, 224)
   # ConvNextImageProcessor below 384 px: resize the short side to size / crop_pct, crop size.
   pp_cfg = folder / "preprocessor_config.json"
   crop_pct = hf_io.read_json(folder, pp_cfg.name).get("crop_pct") if pp_cfg.exists() else None
   if crop_pct and pp["size"] < 384 and not pp["crop"]:
     pp = {**pp, "size": int(pp["size"] / crop_pct), "crop": pp["size"]}
-  return module, params, pp
+  # ResNetForImageClassification nests the backbone under `resnet.`.
+  params = hf_io.to_flax_tree(tensors, WEIGHTS, strip_prefixes=("resnet.",))
+  return tower.Backbone(ResNet(ResNetConfig.from_hf(config), **module_kwargs), params, pp)
 
 
-def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None`: random net of `variant` + `arch`."""
-  from iqa_jax.models.model import Backbone
-  kwargs = dict(
-      **tower.tower_kwargs(model_config, transformer=False),
-  )
-  if model_config.get("init"):
-    return Backbone(*load_hf_resnet(model_config.init, **kwargs))
-  variant = model_config.get("variant", "152")
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={variant!r}; known: {sorted(VARIANTS)}")
-  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-          for k, v in dict(model_config.get("arch", {})).items()}
-  cfg = dataclasses.replace(VARIANTS[variant], **arch)
-  # microsoft/resnet-152's preprocessor_config.json: ImageNet stats, bicubic, 256 -> crop 224.
-  pp = {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "resample": "bicubic"}
-  return Backbone(ResNet(cfg, **kwargs), None, pp)
+def random_preprocessing(cfg: ResNetConfig) -> dict:
+  """microsoft/resnet-152's preprocessor_config.json: ImageNet stats, bicubic, 256 -> crop 224."""
+  return {"size": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+          "resample": "bicubic"}
+
+
+def build(model_config) -> tower.Backbone:
+  """Registry entry (tower.build): `config.model.init`, or a random `variant` + `arch`."""
+  return tower.build(model_config, load_hf_resnet, ResNet, VARIANTS, "152", random_preprocessing)

@@ -14,9 +14,9 @@ Inputs, either
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,34 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from iqa_jax.data import pp as pp_lib
-from iqa_jax.models import hf_io, tower
-from iqa_jax.models.attention import attention
-from iqa_jax.models.lora import LoraDense
-
-ACT = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
-
+from iqa_jax.models import hf_io, siglip, tower
 
 
 @dataclasses.dataclass(frozen=True)
-class NaflexConfig:
-  hidden_size: int = 1152
-  intermediate_size: int = 4304
-  num_hidden_layers: int = 27
-  num_attention_heads: int = 16
-  patch_size: int = 16
+class NaflexConfig(siglip.SiglipConfig):
+  """SigLIP's fields (HF's Siglip2VisionConfig has no image_size: it stays unused) and the
+  size of the learned position table."""
   num_patches: int = 256  # the learned position table is sqrt x sqrt of this
-  layer_norm_eps: float = 1e-6
-  hidden_act: str = "gelu_pytorch_tanh"
-  vision_use_head: bool = True
-
-  @classmethod
-  def from_hf(cls, cfg: dict) -> NaflexConfig:
-    cfg = cfg.get("vision_config", cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 VARIANTS = {
@@ -128,7 +108,8 @@ def naflex_pp(patch_size: int = 16, max_num_patches: int = 1024, resample: str =
               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> str:
   """The pp string for native-aspect scoring; 1024 patches at p=16 is the paper's 512^2 budget."""
   return (f"decode|naflex_resize({patch_size}, {max_num_patches}, {resample!r})"
-          f"|normalize({tuple(mean)}, {tuple(std)})|naflex_patches({patch_size}, {max_num_patches})")
+          f"|normalize({tuple(mean)}, {tuple(std)})"
+          f"|naflex_patches({patch_size}, {max_num_patches})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,74 +139,8 @@ def resize_position_table(table, grids, max_len: int):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-class MlpBlock(nn.Module):
-  cfg: NaflexConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
-    x = ACT[self.cfg.hidden_act](x)
-    return nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(x)
-
-
-class SelfAttention(nn.Module):
-  cfg: NaflexConfig
-  dtype: Any
-  lora: tuple[int, float, float]  # rank, alpha, dropout on q/k (§3.1)
-  attention_impl: str
-
-  @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
-    rank, alpha, dropout = self.lora
-    d = self.cfg.hidden_size
-    q = LoraDense(d, rank, alpha, dropout, dtype=self.dtype, name="q_proj")(x, deterministic)
-    k = LoraDense(d, rank, alpha, dropout, dtype=self.dtype, name="k_proj")(x, deterministic)
-    v = nn.Dense(d, dtype=self.dtype, name="v_proj")(x)
-    y = attention(q, k, v, self.cfg.num_attention_heads, self.attention_impl, mask=mask)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(y)
-
-
-class EncoderLayer(nn.Module):
-  """Pre-LN block; padding keys masked out. Returns (x, x) for nn.scan."""
-  cfg: NaflexConfig
-  dtype: Any
-  lora: tuple[int, float, float]
-  attention_impl: str
-
-  @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
-    eps = self.cfg.layer_norm_eps
-    y = nn.LayerNorm(eps, dtype=self.dtype, name="layer_norm1")(x)
-    x = x + SelfAttention(self.cfg, self.dtype, self.lora, self.attention_impl,
-                          name="self_attn")(y, mask, deterministic)
-    y = nn.LayerNorm(eps, dtype=self.dtype, name="layer_norm2")(x)
-    x = x + MlpBlock(self.cfg, self.dtype, name="mlp")(y)
-    return x, x
-
-
-class MAPHead(nn.Module):
-  """Attention pooling with a learned probe over the valid tokens (nn.MultiheadAttention layout)."""
-  cfg: NaflexConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x, mask):
-    d = self.cfg.hidden_size
-    probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, d), jnp.float32)
-    probe = jnp.broadcast_to(probe, (x.shape[0], 1, d)).astype(self.dtype)
-    q = nn.Dense(d, dtype=self.dtype, name="q")(probe)
-    k = nn.Dense(d, dtype=self.dtype, name="k")(x)
-    v = nn.Dense(d, dtype=self.dtype, name="v")(x)
-    y = attention(q, k, v, self.cfg.num_attention_heads, "xla", mask=mask)
-    y = nn.Dense(d, dtype=self.dtype, name="out_proj")(y)
-    z = nn.LayerNorm(self.cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(y)
-    y = y + MlpBlock(self.cfg, self.dtype, name="mlp")(z)
-    return y[:, 0]
-
-
 def unpack(inputs, patch_size: int):
-  """Images or packed patches -> (patches (B, L, 3p^2), grids (B, 2) int32, valid (B, L) or None)."""
+  """Images or packed patches -> (patches (B, L, 3p^2), grids (B, 2) int32, valid (B, L)|None)."""
   if inputs.ndim == 4:
     b, h, w, c = inputs.shape
     p = patch_size
@@ -239,20 +154,17 @@ def unpack(inputs, patch_size: int):
   return patches, grids, valid
 
 
-class Siglip2NaflexVision(nn.Module):
-  """Images or packed NaFlex patches -> (pooled feature, {named intermediates})."""
+class Siglip2NaflexVision(tower.TransformerTower):
+  """Images or packed NaFlex patches -> (pooled feature, {named intermediates}).
+
+  SigLIP's blocks (`siglip.EncoderLayer`, `siglip.MAPHead`) with the padding keys masked out;
+  only the patch embedding (a Dense on flattened patches) and the per-image positions differ.
+  """
   cfg: NaflexConfig
-  dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  lora_dropout: float = 0.0
-  remat: str = "none"  # none | nothing | dots | everything
-  scan: bool = True
-  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, inputs, train: bool = False):
-    cfg, out = self.cfg, {}
+    cfg = self.cfg
     patches, grids, valid = unpack(inputs, cfg.patch_size)
     x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="embeddings_patch_embedding")(
         patches.astype(self.dtype))
@@ -262,67 +174,20 @@ class Siglip2NaflexVision(nn.Module):
     # Key mask (B, 1, 1, L): padding tokens are attended by none; None keeps flash attention.
     mask = None if valid is None else valid[:, None, None, :]
 
-    lora = (self.lora_rank, self.lora_alpha, self.lora_dropout)
-    layer = EncoderLayer
-    if self.remat != "none":
-      layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(3,),
-                       policy=tower.REMAT_POLICIES[self.remat])
-    deterministic = not train
-    if self.scan:
-      layers = nn.scan(layer, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
-      x, per_layer = layers(cfg, self.dtype, lora, self.attention_impl, name="encoder_layers")(
-          x, mask, deterministic)
-      out["layers"] = per_layer  # (depth, B, L, D)
-    else:
-      for i in range(cfg.num_hidden_layers):
-        x, y = layer(cfg, self.dtype, lora, self.attention_impl, name=f"encoder_layers_{i}")(
-            x, mask, deterministic)
-        out[f"layer_{i}"] = y
+    layer = functools.partial(siglip.EncoderLayer, cfg, self.dtype, self.lora,
+                              self.attention_impl)
+    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
+                           name="encoder_layers")(x, mask, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
     out["encoded"] = x
     out["spatial_shapes"] = grids
     if cfg.vision_use_head:
-      pooled = MAPHead(cfg, self.dtype, name="head")(x, mask)
+      pooled = siglip.MAPHead(cfg, self.dtype, name="head")(x, mask)
     else:
       w = jnp.ones(x.shape[:2], x.dtype) if valid is None else valid.astype(x.dtype)
       pooled = (x * w[..., None]).sum(1) / w.sum(1, keepdims=True)
     out["pre_logits"] = pooled
     return pooled, out
-
-
-# HF module -> Flax module. `{i}` layers are stacked for nn.scan.
-RENAMES = [
-    (r"embeddings\.patch_embedding", "embeddings_patch_embedding"),
-    (r"encoder\.layers\.{i}\.(?P<ln>layer_norm[12])", "encoder_layers/{ln}"),
-    (r"encoder\.layers\.{i}\.self_attn\.(?P<proj>[qkv]_proj|out_proj)",
-     "encoder_layers/self_attn/{proj}"),
-    (r"encoder\.layers\.{i}\.mlp\.(?P<fc>fc[12])", "encoder_layers/mlp/{fc}"),
-    (r"post_layernorm", "post_layernorm"),
-    (r"head\.layernorm", "head/layernorm"),
-    (r"head\.mlp\.(?P<fc>fc[12])", "head/mlp/{fc}"),
-    (r"head\.attention\.out_proj", "head/out_proj"),
-]
-
-
-def _special(name: str, value: np.ndarray):
-  """Bare parameters and the MAP head's fused q/k/v projection."""
-  if name == "embeddings.position_embedding.weight":
-    return [("embeddings_position_embedding", value)]
-  if name == "head.probe":
-    return [("head/probe", value)]
-  if name.startswith("head.attention.in_proj_"):
-    leaf = "kernel" if name.endswith("weight") else "bias"
-    parts = np.split(value, 3, axis=0)
-    return [(f"head/{n}/{leaf}", p.T if leaf == "kernel" else p) for n, p in zip("qkv", parts)]
-  return None
-
-
-def hf_params(tensors: dict[str, np.ndarray]) -> dict:
-  """HF Siglip2VisionModel / Siglip2Model tensors -> Flax params of `Siglip2NaflexVision`."""
-  return hf_io.to_flax_tree(tensors, RENAMES, special=_special, strip_prefixes=("vision_model.",),
-                            skip=(r"text_model\.", r"logit_scale", r"logit_bias"))
 
 
 def _preprocessing(folder, cfg: NaflexConfig) -> dict:
@@ -336,29 +201,26 @@ def _preprocessing(folder, cfg: NaflexConfig) -> dict:
           "patch_size": cfg.patch_size, "max_num_patches": int(budget)}
 
 
-def load_hf_siglip2_naflex(path_or_id: str, **module_kwargs):
+def load_hf_siglip2_naflex(path_or_id: str, **module_kwargs) -> tower.Backbone:
   """Local folder or cached hub id -> (Siglip2NaflexVision module, params, native preprocessing).
 
   >>> module, params, pp = load_hf_siglip2_naflex("google/siglip2-so400m-patch16-naflex")
   """
-  folder = hf_io.resolve_checkpoint(path_or_id)
-  cfg = NaflexConfig.from_hf(hf_io.read_json(folder, "config.json"))
+  folder, config, tensors = hf_io.read_checkpoint(path_or_id)
+  cfg = NaflexConfig.from_hf(config)
   module = Siglip2NaflexVision(cfg, **module_kwargs)
-  params = hf_params(hf_io.read_safetensors(folder))
-  if not module.scan:
-    params = tower.unscan(params, cfg.num_hidden_layers, "encoder_layers")
-  return module, params, _preprocessing(folder, cfg)
+  # SigLIP's names: the patch embedding is a Linear here, a conv there, the table takes both.
+  params = tower.in_layout(siglip.hf_params(tensors), module.scan, "encoder_layers")
+  return tower.Backbone(module, params, _preprocessing(folder, cfg))
 
 
-def build(model_config):
-  """Registry entry: config.model -> Backbone. `init=None`: random tower of `variant` + `arch`."""
-  from iqa_jax.models.model import Backbone
-  kwargs = dict(
-      **tower.tower_kwargs(model_config),
-  )
-  if model_config.get("init"):
-    return Backbone(*load_hf_siglip2_naflex(model_config.init, **kwargs))
-  cfg = tower.variant_config(model_config, VARIANTS, "so400m/16")
-  pp = {"size": 512, "crop": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "resample": "bilinear", "patch_size": cfg.patch_size, "max_num_patches": 256}
-  return Backbone(Siglip2NaflexVision(cfg, **kwargs), None, pp)
+def random_preprocessing(cfg: NaflexConfig) -> dict:
+  """A random tower: SigLIP2's 0.5 statistics, 512 px square fallback, 256 patches."""
+  return {"size": 512, "crop": None, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+          "resample": "bilinear", "patch_size": cfg.patch_size, "max_num_patches": 256}
+
+
+def build(model_config) -> tower.Backbone:
+  """Registry entry (tower.build): `config.model.init`, or a random `variant` + `arch`."""
+  return tower.build(model_config, load_hf_siglip2_naflex, Siglip2NaflexVision, VARIANTS,
+                     "so400m/16", random_preprocessing)
