@@ -147,7 +147,29 @@ def test_cli_help_and_usage_errors(capsys, tmp_path):
   assert experiments.main(["experiments", "--help"]) == 0
   assert "--cross" in capsys.readouterr().out
   assert experiments.main(["experiments", "--config", "configs/demo.py"]) == 2  # no --out
-  assert experiments.main(["experiments", "--config", "configs/demo.py", "--out", str(tmp_path / "m"),
-                           "--datasets", "demo:blurry"]) == 2
+  assert experiments.main(["experiments", "--config", "configs/demo.py",
+                           "--out", str(tmp_path / "m"), "--datasets", "demo:blurry"]) == 2
   assert "unknown demo distortion" in capsys.readouterr().err
   assert not (tmp_path / "m").exists()
+
+
+def test_nan_only_validation_is_a_failed_run_and_the_matrix_goes_on(tiny_demo_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+  """Issue 10 item 4: constant predictions (a collapsed head) make every validation SRCC NaN."""
+  monkeypatch.setattr(train, "predict", lambda _fn, _params, loader, **_: np.full(
+      sum(int(np.sum(b["valid"])) for b in loader), 0.5, np.float32))
+  base = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1})
+  rows = experiments.run_matrix(base, [BLUR], [8], ["gated"], tmp_path / "m",
+                                cross=[f"{BLUR}:{NOISE}"], plots=False, compile_cache=None)
+  workdir = tmp_path / "m" / "runs" / "demo-gaussian_blur+pixelate" / "gated" / "seed8"
+  # Strict JSON: no -Infinity/NaN constants in results.json.
+  results = json.loads((workdir / "results.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+  assert results["status"] == "failed" and results["best"] is None
+  assert "validation SRCC was NaN in all 1 epochs" in results["error"]
+  assert not (workdir / "ckpt" / "best").exists()
+  assert [(r["kind"], r["status"]) for r in rows] == [("run", "failed")]  # cross skipped
+  stored = report.load_rows(tmp_path / "m" / "results.jsonl")
+  assert [(r["status"], r["error"]) for r in stored] == [("failed", results["error"])]
+  train.print_results_table(results)  # the CLI's table: no TypeError
+  assert "run failed: validation SRCC was NaN" in capsys.readouterr().out
