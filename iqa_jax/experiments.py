@@ -161,8 +161,11 @@ def _log(msg: str) -> None:
 def train_one(config, workdir: Path, labels: dict, retry_failed: bool = False) -> dict:
   """Trains (or resumes, or skips) one run; a NaN loss is recorded as a failed run, not raised."""
   previous = _read_json(workdir / "results.json")
-  if previous and (previous["status"] == "done" or
-                   (previous["status"] == "failed" and not retry_failed)):
+  if previous and (workdir / run_folder.CONFIG).exists():
+    run_folder.check_config(workdir, config)  # a finished run is skipped only for its own config
+  extend = previous and config.optim.epochs > previous.get("epochs", config.optim.epochs)
+  if previous and not extend and (previous["status"] == "done" or
+                                  (previous["status"] == "failed" and not retry_failed)):
     _log(f"skip {workdir} ({previous['status']})")
     return previous
   workdir.mkdir(parents=True, exist_ok=True)

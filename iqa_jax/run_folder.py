@@ -225,11 +225,30 @@ def check_base_checkpoint(workdir: str | Path, config) -> None:
         f"Put that checkpoint back, or train a new run (--restart or another --workdir).")
 
 
+def _start_over(workdir: Path) -> str:
+  return (f"train a new run: add --restart (clears {workdir}'s run files) or pass another "
+          f"--workdir")
+
+
+def check_config(workdir: str | Path, config) -> None:
+  """`config` may resume the run recorded in workdir/config.json, or one line naming the fields
+  that differ (execution-only fields and optim.epochs aside)."""
+  w = Path(workdir)
+  recorded = read_json(w / CONFIG, f"Restore it, or {_start_over(w)}.")
+  diff = config_differences(recorded, config)
+  if diff:
+    shown = [f"{k} ({_get(recorded, k)!r} -> {_get(_as_json(config), k)!r})" for k in diff[:8]]
+    raise RunFolderError(
+        f"{w / CONFIG}: this run was made with another config; differing fields: "
+        f"{', '.join(shown)}{' ...' if len(diff) > 8 else ''}. To resume, pass the recorded "
+        f"values; to start over, {_start_over(w)}.")
+
+
 def open_run(workdir: str | Path, config, restart: bool = False) -> None:
   """Checks the folder against `config` (nothing is written when it refuses), then records the
   config and the base checkpoint. Called once, before a run reads data or builds a model."""
   w = Path(workdir)
-  fix = f"train a new run: add --restart (clears {w}'s run files) or pass another --workdir"
+  fix = _start_over(w)
   if restart:
     clear(w)
   progress = has_progress(w)
@@ -237,14 +256,7 @@ def open_run(workdir: str | Path, config, restart: bool = False) -> None:
     if not (w / CONFIG).exists():
       raise RunFolderError(f"{w / CONFIG} is missing, so {w}'s results cannot be matched to this "
                            f"config. Restore it, or {fix}.")
-    recorded = read_json(w / CONFIG, f"Restore it, or {fix}.")
-    diff = config_differences(recorded, config)
-    if diff:
-      shown = [f"{k} ({_get(recorded, k)!r} -> {_get(_as_json(config), k)!r})" for k in diff[:8]]
-      raise RunFolderError(
-          f"{w / CONFIG}: this run was made with another config; differing fields: "
-          f"{', '.join(shown)}{' ...' if len(diff) > 8 else ''}. To resume, pass the recorded "
-          f"values; to start over, {fix}.")
+    check_config(w, config)
     check_base_checkpoint(w, config)
     finished = len(read_jsonl(w / HISTORY, f"Restore it, or {fix}."))
     if config.optim.epochs < finished:

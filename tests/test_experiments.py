@@ -93,7 +93,7 @@ def test_matrix_writes_runs_results_tables_and_plots(matrix):
   assert (matrix / "heads_by_dataset.png").exists()
 
 
-def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch):
+def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch, capsys):
   before = (matrix / "results.jsonl").read_text()
 
   def must_not_train(*_):
@@ -102,6 +102,10 @@ def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch):
   from iqa_jax import evaluate
   monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("re-evaluated"))
   assert experiments.main(_cli_args(tiny_demo_dir, matrix) + ["--noplots"]) == 0
+  assert (matrix / "results.jsonl").read_text() == before
+  # Another config over the same runs is refused (issue 10 item 2), not skipped as done.
+  assert experiments.main(_cli_args(tiny_demo_dir, matrix) + ["--config.optim.lr=5e-4"]) == 2
+  assert "optim.lr (0.001 -> 0.0005)" in capsys.readouterr().err
   assert (matrix / "results.jsonl").read_text() == before
 
 
