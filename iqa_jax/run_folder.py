@@ -13,6 +13,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -59,8 +60,20 @@ def write_text(path: str | Path, text: str) -> None:
     raise
 
 
+def _strict(obj):
+  """NaN/Inf -> None: results files stay strict JSON, with null for an undefined metric (the
+  SRCC of constant predictions). history.jsonl keeps Python's NaN for the plots."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _strict(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [_strict(v) for v in obj]
+  return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-  write_text(path, json.dumps(obj, indent=2) + "\n")
+  write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable]) -> None:

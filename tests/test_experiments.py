@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_demo_config
 from scipy import stats
 
-from iqa_jax import experiments, report, train
+from iqa_jax import experiments, report, run_folder, train
 
 BLUR, NOISE = "demo:gaussian_blur+pixelate", "demo:white_noise+jpeg"
 
@@ -114,8 +114,9 @@ def test_killed_run_resumes(matrix, tiny_demo_dir):
   workdir = matrix / "runs" / "demo-gaussian_blur+pixelate" / "gated" / "seed8"
   done = json.loads((workdir / "results.json").read_text())
   (workdir / "results.json").unlink()
-  rows = experiments.run_matrix(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1}), [BLUR],
-                                [8], ["gated"], matrix, plots=False)
+  # The matrix's config (configs/demo.py:epochs=1 sets milestones (1, 1)): a resume needs it.
+  config = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1, "optim.milestones": (1, 1)})
+  rows = experiments.run_matrix(config, [BLUR], [8], ["gated"], matrix, plots=False)
   resumed = json.loads((workdir / "results.json").read_text())
   assert resumed["best"] == done["best"] and resumed["final"] == done["final"]
   assert [r["status"] for r in rows if r["kind"] == "run"] == ["done"]
@@ -171,7 +172,7 @@ def test_nan_only_validation_is_a_failed_run_and_the_matrix_goes_on(tiny_demo_di
                        parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
   assert results["status"] == "failed" and results["best"] is None
   assert "validation SRCC was NaN in all 1 epochs" in results["error"]
-  assert not (workdir / "ckpt" / "best").exists()
+  assert not run_folder.saved_steps(workdir / "ckpt" / "best")  # no best epoch to save
   assert [(r["kind"], r["status"]) for r in rows] == [("run", "failed")]  # cross skipped
   stored = report.load_rows(tmp_path / "m" / "results.jsonl")
   assert [(r["status"], r["error"]) for r in stored] == [("failed", results["error"])]
