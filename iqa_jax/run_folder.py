@@ -264,6 +264,9 @@ def open_run(workdir: str | Path, config, restart: bool = False) -> None:
   fix = _start_over(w)
   if restart:
     clear(w)
+    if jax.process_count() > 1:  # the others look at the folder only once process 0 cleared it
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("iqa_jax.run_folder.clear")
   progress = has_progress(w)
   if progress:
     if not (w / CONFIG).exists():
