@@ -9,29 +9,30 @@ from iqa_jax.defaults import base_config, parse_arg
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = parse_arg(arg, seed=8, patch=8, head="gated", finetune="full", dir="demo_data",
+                   distortions="", epochs=10, batch=12, lr=1e-3, backbone_lr=1e-3)
   c = base_config()
   c.name = "demo"
-  c.seed = int(args.get("seed", 8))
+  c.seed = args.seed
   c.model.init = None
   c.model.arch = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, patch_size=int(args.get("patch", 8)), image_size=64)
-  c.model.head = args.get("head", "gated")
+                      num_attention_heads=4, patch_size=args.patch, image_size=64)
+  c.model.head = args.head
   # A random tower has no pretrained features for LoRA to adapt, so the demo trains it whole
   # (full fine-tuning, App. A.1) with one learning rate; LoRA is exercised by the tests.
-  c.model.finetune = args.get("finetune", "full")
+  c.model.finetune = args.finetune
   c.model.dtype = "float32"
   c.model.remat = "none"
   c.data.name = "demo"
-  c.data.dir = args.get("dir", "demo_data")
+  c.data.dir = args.dir
   c.data.split = "content"  # split by reference photo: no content in both train and val
   c.data.image_size = 64
-  c.data.options.distortions = args.get("distortions", "")
-  c.optim.epochs = int(args.get("epochs", 10))
-  c.optim.batch_size = int(args.get("batch", 12))
+  c.data.options.distortions = args.distortions
+  c.optim.epochs = args.epochs
+  c.optim.batch_size = args.batch
   c.optim.grad_accum = 1
-  c.optim.lr = float(args.get("lr", 1e-3))
-  c.optim.backbone_lr = float(args.get("backbone_lr", 1e-3))
+  c.optim.lr = args.lr
+  c.optim.backbone_lr = args.backbone_lr
   # Step decay (x0.2 at 60% and 80% of the epochs), as the paper does on its large sets.
   c.optim.schedule = "multistep"
   c.optim.milestones = (round(0.6 * c.optim.epochs), round(0.8 * c.optim.epochs))

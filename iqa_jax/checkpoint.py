@@ -10,7 +10,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from iqa_jax.run_folder import HISTORY, RunFolderError, read_jsonl, write_text
+
 SEP = "."
+
+
+def _unreadable(path: Path, e: Exception) -> RunFolderError:
+  """Orbax/TensorStore failures on a cut or corrupt checkpoint -> one line naming the folder."""
+  first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+  return RunFolderError(
+      f"{path} is unreadable ({type(e).__name__}: {first}); it was cut or corrupted. Restore it "
+      f"from a backup, or train a new run (--restart or another --workdir).")
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
@@ -34,9 +44,8 @@ def unflatten_into(params, flat: dict):
 
 
 def saved_params(params, labels, save_frozen: bool) -> dict:
-  keep = lambda l: save_frozen or l != "frozen"
   flat, flat_labels = flatten(params), flatten(labels)
-  return {k: v for k, v in flat.items() if keep(flat_labels[k])}
+  return {k: v for k, v in flat.items() if save_frozen or flat_labels[k] != "frozen"}
 
 
 class RunCheckpoints:
@@ -44,7 +53,8 @@ class RunCheckpoints:
     self.root = Path(workdir).absolute() / "ckpt"
     self.save_frozen = save_frozen
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    self.managers = {k: ocp.CheckpointManager(self.root / k, options=opts) for k in ("last", "best")}
+    self.managers = {k: ocp.CheckpointManager(self.root / k, options=opts)
+                     for k in ("last", "best")}
 
   def save(self, state, labels, which: str, meta: dict) -> None:
     mngr = self.managers[which]
@@ -62,10 +72,13 @@ class RunCheckpoints:
     if step is None:
       return None
     template = {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
-    r = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(template),
-        meta=ocp.args.JsonRestore()))
-    params = unflatten_into(state.params, r["params"])
+    try:
+      r = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(template),
+          meta=ocp.args.JsonRestore()))
+      params = unflatten_into(state.params, r["params"])
+    except Exception as e:  # noqa: BLE001 - any failure to read it is reported as one line
+      raise _unreadable(self.root / which / str(step), e) from None
     new = state.replace(step=r["train"]["step"], rng=r["train"]["rng"],
                         opt_state=r["train"]["opt_state"], params=params)
     return new, r["meta"]
@@ -90,21 +103,19 @@ def load_params(workdir, which: str = "best") -> tuple[dict, dict]:
   if step is None:
     raise FileNotFoundError(f"No '{which}' checkpoint in {path}; train first with "
                             f"`python -m iqa_jax.train --config ... --workdir {workdir}`")
-  r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                 meta=ocp.args.JsonRestore()))
-  mngr.close()
+  try:
+    r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                   meta=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001 - any failure to read it is reported as one line
+    raise _unreadable(path / str(step), e) from None
+  finally:
+    mngr.close()
   return r["params"], r["meta"]
 
 
 def read_history(workdir) -> list[dict]:
-  f = Path(workdir) / "history.jsonl"
-  if not f.exists():
-    return []
-  return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+  return read_jsonl(Path(workdir) / HISTORY)
 
 
 def write_history(workdir, history: list[dict]) -> None:
-  f = Path(workdir) / "history.jsonl"
-  tmp = f.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-  tmp.replace(f)
+  write_text(Path(workdir) / HISTORY, "".join(json.dumps(h) + "\n" for h in history))

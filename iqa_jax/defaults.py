@@ -79,8 +79,44 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """'head=sigmoid,res=384' -> {'head': 'sigmoid', 'res': '384'} (big_vision config args)."""
-  if not arg:
-    return {}
-  return dict(kv.split("=", 1) for kv in arg.split(",") if kv)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed(key: str, text: str, default):
+  """text -> a value of the default's type (a None default takes the text as is)."""
+  if isinstance(default, bool):  # before int: bool is an int
+    if text.lower() in _TRUE + _FALSE:
+      return text.lower() in _TRUE
+    raise ValueError(f"config argument {key}={text!r}: expected true or false")
+  for kind in (int, float):
+    if isinstance(default, kind):
+      try:
+        return kind(text)
+      except ValueError:
+        raise ValueError(f"config argument {key}={text!r}: expected {kind.__name__}") from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'head=sigmoid,epochs=6' -> {head: 'sigmoid', epochs: 6, <other defaults>} (big_vision's
+  config args): every value typed like its default; an argument with no default is an error
+  naming the allowed ones, so a misspelt `:lrr=5` never goes unnoticed."""
+  values = dict(defaults)
+  for kv in (arg or "").split(","):
+    if not kv:
+      continue
+    key, sep, text = kv.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {kv!r} in {arg!r} is not KEY=VALUE")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; allowed: "
+                       f"{', '.join(sorted(defaults))}")
+    values[key] = _typed(key, text, defaults[key])
+  return ml_collections.ConfigDict(values, type_safe=False)
+
+
+def flag_error(e: Exception) -> str:
+  """absl/config_flags wrap a config file's error in a multi-line traceback; its last line is
+  the one that says what is wrong (e.g. the unknown config argument)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__

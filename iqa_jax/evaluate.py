@@ -6,15 +6,13 @@ Writes `eval_<dataset>.json` (metrics) and `eval_<dataset>.csv` (path, mos, pred
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from iqa_jax import metrics
+from iqa_jax import metrics, run_folder
 from iqa_jax.data import datasets, pipeline, tfds_source
 from iqa_jax.score import load_run
 
@@ -38,17 +36,12 @@ def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: st
             **metrics.compute_metrics(pred, mos)}
   out = Path(out_dir or workdir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"eval_{data_config.name}.json").write_text(json.dumps(result, indent=2))
-  with open(out / f"eval_{data_config.name}.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["path", "mos", "pred"])
-    for r, p in zip(records, pred):
-      w.writerow([r.path, f"{r.mos:.6f}", f"{float(p):.6f}"])
+  run_folder.write_json(out / f"eval_{data_config.name}.json", result)
+  run_folder.write_csv(out / f"eval_{data_config.name}.csv", ("path", "mos", "pred"),
+                       ([r.path, f"{r.mos:.6f}", f"{float(p):.6f}"]
+                        for r, p in zip(records, pred, strict=True)))
   if skipped:
-    with open(out / f"eval_{data_config.name}_skipped.csv", "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["path", "reason"])
-      w.writerows(skipped)
+    run_folder.write_csv(out / f"eval_{data_config.name}_skipped.csv", ("path", "reason"), skipped)
   return result
 
 
@@ -89,8 +82,7 @@ def main(argv=None) -> int:
   ap.add_argument("--on_error", default="raise", choices=("raise", "skip"))
   a = ap.parse_args(argv)
   try:
-    run_config = ml_collections.ConfigDict(
-        json.loads((Path(a.workdir) / "config.json").read_text()))
+    run_config = run_folder.read_config(a.workdir)
     options = dict(kv.split("=", 1) for kv in a.option)
     dc = data_config_for(run_config, a.dataset, a.data_dir, options, a.on_error, a.source,
                          a.tfds_dir)

@@ -28,8 +28,9 @@ import jax
 import ml_collections
 from jax.experimental.compilation_cache import compilation_cache
 
-from iqa_jax import train
+from iqa_jax import run_folder, train
 from iqa_jax.data import datasets
+from iqa_jax.defaults import flag_error
 from iqa_jax.models.head import resolve_head
 
 # The option a bare NAME:VALUE sets, per adapter.
@@ -154,7 +155,7 @@ def persistent_compile_cache(path: str | Path | None):
 
 
 def _read_json(path: Path) -> dict | None:
-  return json.loads(path.read_text()) if path.exists() else None
+  return run_folder.read_json(path) if path.exists() else None
 
 
 def _log(msg: str) -> None:
@@ -164,12 +165,15 @@ def _log(msg: str) -> None:
 def train_one(config, workdir: Path, labels: dict, retry_failed: bool = False) -> dict:
   """Trains (or resumes, or skips) one run; a NaN loss is recorded as a failed run, not raised."""
   previous = _read_json(workdir / "results.json")
-  if previous and (previous["status"] == "done" or
-                   (previous["status"] == "failed" and not retry_failed)):
+  if previous and (workdir / run_folder.CONFIG).exists():
+    run_folder.check_config(workdir, config)  # a finished run is skipped only for its own config
+  extend = previous and config.optim.epochs > previous.get("epochs", config.optim.epochs)
+  if previous and not extend and (previous["status"] == "done" or
+                                  (previous["status"] == "failed" and not retry_failed)):
     _log(f"skip {workdir} ({previous['status']})")
     return previous
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "run.json").write_text(json.dumps(labels, indent=2))
+  run_folder.write_json(workdir / "run.json", labels)
   _log(f"run {workdir}")
   t0 = time.time()
   try:
@@ -178,10 +182,12 @@ def train_one(config, workdir: Path, labels: dict, retry_failed: bool = False) -
     _log(f"failed {workdir}: {e}")
     results = {"name": config.name, "dataset": config.data.name, "head": config.model.head,
                "seed": config.seed, "status": "failed", "error": str(e)}
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    run_folder.write_json(workdir / "results.json", results)
     return results
   results["wall_s"] = round(time.time() - t0, 1)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  run_folder.write_json(workdir / "results.json", results)
+  if results["status"] != "done":
+    _log(f"failed {workdir}: {results.get('error', results['status'])}")
   return results
 
 
@@ -194,8 +200,10 @@ def evaluate_cross(workdir: Path, test: DatasetSpec, test_dir: str, labels: dict
     return row
   results = _read_json(workdir / "results.json")
   if not results or results["status"] != "done":
+    _log(f"cross {workdir} -> {test.label}: skipped, the run is "
+         f"{results['status'] if results else 'not finished'}")
     return None
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = run_folder.read_config(workdir)
   data_config = data_config_for(config, test.name, test_dir, dict(test.options),
                                 on_error=config.data.on_error)
   _log(f"cross {workdir} -> {test.label}")
@@ -205,7 +213,7 @@ def evaluate_cross(workdir: Path, test: DatasetSpec, test_dir: str, labels: dict
          "metrics": {k: m[k] for k in m if k not in ("train_dataset", "test_dataset", "n",
                                                        "n_skipped", "checkpoint")}}
   out.mkdir(parents=True, exist_ok=True)
-  (out / "result.json").write_text(json.dumps(row, indent=2))
+  run_folder.write_json(out / "result.json", row)
   return row
 
 
@@ -217,7 +225,7 @@ def collect_results(out: str | Path) -> list[dict]:
     return path.parts[-4], path.parts[-3], int(path.parts[-2][len("seed"):])
   for labels_file in sorted(out.glob("runs/*/*/seed*/run.json"), key=order):
     workdir = labels_file.parent
-    labels = json.loads(labels_file.read_text())
+    labels = run_folder.read_json(labels_file)
     results = _read_json(workdir / "results.json") or {"status": "running"}
     row = {**labels, "kind": "run", "workdir": str(workdir.relative_to(out)),
            "status": results["status"]}
@@ -227,16 +235,14 @@ def collect_results(out: str | Path) -> list[dict]:
         row[key] = results[key]
     rows.append(row)
     for cross_file in sorted(workdir.glob("cross/*/result.json")):
-      rows.append({**json.loads(cross_file.read_text()), "workdir": row["workdir"]})
+      rows.append({**run_folder.read_json(cross_file), "workdir": row["workdir"]})
   return rows
 
 
 def write_results(out: str | Path) -> Path:
   """Rewrites out/results.jsonl from the run folders (so a rerun never duplicates a row)."""
   path = Path(out) / RESULTS
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in collect_results(out)))
-  tmp.replace(path)
+  run_folder.write_text(path, "".join(json.dumps(r) + "\n" for r in collect_results(out)))
   return path
 
 
@@ -339,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dirs=dict(kv.split("=", 1) for kv in fv.data_dir), data_root=fv.data_root,
         plots=fv.plots, retry_failed=fv.retry_failed,
         compile_cache=None if fv.compile_cache == "none" else fv.compile_cache)
-  except (flags.Error, FileNotFoundError, ValueError) as e:
+  except flags.Error as e:
+    print(f"error: {flag_error(e)}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   runs = [r for r in rows if r["kind"] == "run"]

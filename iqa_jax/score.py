@@ -9,17 +9,15 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, parallel
+from iqa_jax import checkpoint, parallel, run_folder
 from iqa_jax.data import pp
 from iqa_jax.data.records import MOS_SCALES
 from iqa_jax.models.model import create_model
@@ -48,11 +46,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
 
 def load_run(workdir: str, which: str = "best"):
   """A trained run folder -> (config, jitted score fn, params, pp string)."""
-  cfg_file = Path(workdir) / "config.json"
-  if not cfg_file.exists():
-    raise FileNotFoundError(f"{cfg_file} not found: --workdir must be a run folder made by "
-                            f"`python -m iqa_jax.train`")
-  config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  config = run_folder.read_config(workdir)  # the model the run was trained as, checked
+  run_folder.check_base_checkpoint(workdir, config)  # against the frozen weights it started from
   model, params, preprocessing = create_model(config)
   flat, _ = checkpoint.load_params(workdir, which)
   params = checkpoint.unflatten_into(params, flat)

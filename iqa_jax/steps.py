@@ -23,8 +23,8 @@ class TrainState:
 
 def split_params(params, labels):
   """-> (trainable, frozen) trees of the same structure, with None where a leaf is elsewhere."""
-  trainable = jax.tree.map(lambda p, l: None if l == "frozen" else p, params, labels)
-  frozen = jax.tree.map(lambda p, l: p if l == "frozen" else None, params, labels)
+  trainable = jax.tree.map(lambda p, label: None if label == "frozen" else p, params, labels)
+  frozen = jax.tree.map(lambda p, label: p if label == "frozen" else None, params, labels)
   return trainable, frozen
 
 
@@ -46,8 +46,8 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     params = merge_params(trainable, frozen)
     pred, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
     if axis_name:  # the pairwise margin loss (Eq. 1) spans all devices' shares of the micro-batch
-      gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
-      pred, mos, weight = gather(pred), gather(mos), gather(weight)
+      pred, mos, weight = (jax.lax.all_gather(x, axis_name, tiled=True)
+                           for x in (pred, mos, weight))
     loss, parts = iqa_loss(pred, mos, margin_lambda, margin_weight, weight)
     return loss, parts
 
@@ -61,24 +61,22 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     images, mos = batch["image"], batch["mos"]
     weight = batch.get("valid", jnp.ones(mos.shape, bool)).astype(jnp.float32)
     k = grad_accum
-    micro = lambda x: x if micro_batched else x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    def micro(x):
+      return x if micro_batched else x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     def one(carry, xs):
       g_sum, l_sum, parts_sum = carry
       i, im, y, w = xs
       (loss, parts), g = grad_fn(trainable, frozen, im, y, w, jax.random.fold_in(step_rng, i))
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (add(g_sum, g), l_sum + loss, add(parts_sum, parts)), None
+      return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss,
+              jax.tree.map(jnp.add, parts_sum, parts)), None
 
+    # One path for every k: micro-batches (k, micro, ...) summed by a scan (k=1: one trip).
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, jnp.zeros(()), {"mse": jnp.zeros(()), "margin": jnp.zeros(())})
-    if k == 1 and not micro_batched:
-      (grads, loss, parts), _ = one(init, (0, images, mos, weight))
-    elif k == 1:
-      (grads, loss, parts), _ = one(init, (0, images[0], mos[0], weight[0]))
-    else:
-      (grads, loss, parts), _ = jax.lax.scan(
-          one, init, (jnp.arange(k), micro(images), micro(mos), micro(weight)))
+    (grads, loss, parts), _ = jax.lax.scan(
+        one, init, (jnp.arange(k), micro(images), micro(mos), micro(weight)))
     grads = jax.tree.map(lambda g: g / k, grads)
     if axis_name:  # all_gather's transpose sums D equal cotangents: the mean is the batch grad
       grads = jax.lax.pmean(grads, axis_name)

@@ -2,13 +2,13 @@
 
 Per epoch: train with a progress bar (img/s, ETA), evaluate SRCC/PLCC on the validation split,
 save `ckpt/last` and, when validation SRCC improves, `ckpt/best`. Rerunning on the same workdir
-resumes after the last finished epoch.
+resumes after the last finished epoch, and only with the config the folder records
+(iqa_jax/run_folder.py); --restart starts it over.
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -20,14 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, metrics, parallel
+from iqa_jax import checkpoint, metrics, parallel, run_folder
 from iqa_jax.data import datasets, pipeline, pp, tfds_source
+from iqa_jax.defaults import flag_error
 from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model
-from iqa_jax.optim import make_optimizer
+from iqa_jax.optim import lr_schedule, make_optimizer, resolve_schedule
 from iqa_jax.steps import TrainState, make_eval_step, make_train_step
-
-SMALL_SETS = ("clive", "agiqa1k", "agiqa3k", "demo")  # §3.1: constant lr on the small sets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,12 +35,6 @@ class NonFiniteLossError(RuntimeError):
 
 def _log(msg: str) -> None:
   print(msg, flush=True)
-
-
-def resolve_schedule(config: ml_collections.ConfigDict) -> str:
-  if config.optim.schedule != "auto":
-    return config.optim.schedule
-  return "constant" if config.data.name in SMALL_SETS else "multistep"
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -69,181 +62,239 @@ def gate_weights(params) -> dict[str, list[float]]:
           for name in ("act1", "act2") if name in head and "g" in head[name]}
 
 
-def load_data(config, workdir: Path):
+def load_data(config) -> tuple[dict, list]:
+  """-> (splits {'train', 'val'[, 'test']}, skipped [(path, reason)]) of config.data."""
   records = datasets.load_records(config.data)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
                                             cache=config.data.cache or None,
                                             tfds=tfds_source.build_dir(config.data))
-  if skipped:
-    _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
-         f"(listed in {workdir / 'skipped.csv'})")
-    with open(workdir / "skipped.csv", "w") as f:
-      f.write("path,reason\n")
-      for path, reason in skipped:
-        f.write(f"\"{path}\",\"{reason}\"\n")
   splits = datasets.make_splits(records, config.seed, split=config.data.split,
                                 val_fraction=config.data.val_fraction,
                                 test_fraction=config.data.test_fraction)
-  datasets.save_splits(splits, workdir)
-  return splits, len(skipped)
+  if len(splits["train"]) < config.optim.batch_size:
+    raise ValueError(f"Only {len(splits['train'])} training images for batch size "
+                     f"{config.optim.batch_size}; lower --config.optim.batch_size")
+  return splits, skipped
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) one training run; returns and writes `results.json`."""
-  parallel.initialize_distributed(config.get("distributed", False))
-  parallel.enable_compilation_cache(config.get("compilation_cache", ""))
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  splits, n_skipped = load_data(config, workdir)
-  train_recs, val_recs = splits["train"], splits["val"]
+def record_data(workdir: Path, splits: dict, skipped: list) -> None:
+  """splits.json and skipped.csv: which images the run trained and validated on."""
+  if run_folder.is_writer():
+    datasets.save_splits(splits, workdir)
+  if skipped:
+    _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
+         f"(listed in {workdir / 'skipped.csv'})")
+    run_folder.write_csv(workdir / "skipped.csv", ("path", "reason"), skipped)
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands after its finished epochs (restored from `ckpt/last` on resume)."""
+  start_epoch: int = 0
+  best: dict | None = None  # {'epoch', **val metrics} of the best finite validation SRCC
+  history: list = dataclasses.field(default_factory=list)
+
+
+def restore(ckpt: checkpoint.RunCheckpoints, state: TrainState, labels,
+            workdir: Path) -> tuple[TrainState, Progress]:
+  """The state and progress of `ckpt/last`, or the fresh state when the run is new."""
+  restored = ckpt.restore_last(state, labels)
+  if restored is None:
+    return state, Progress()
+  state, meta = restored
+  best = meta["best"] if meta["best"] and math.isfinite(meta["best"].get("srcc", math.nan)) \
+      else None  # runs made before NaN-only validation was recorded as such stored -inf
+  history = [h for h in checkpoint.read_history(workdir) if h["epoch"] <= meta["epoch"]]
+  checkpoint.write_history(workdir, history)
+  _log(f"resume: from epoch {meta['epoch'] + 2} (step {int(state.step)}), best SRCC "
+       + (f"{best['srcc']:.4f}" if best else "none yet"))
+  return state, Progress(meta["epoch"] + 1, best, history)
+
+
+def train_epoch(train_step, state: TrainState, batches, steps: int, config,
+                desc: str) -> tuple[TrainState, list]:
+  """One pass over the epoch's batches -> (state, per-step metrics, still on the device)."""
+  bar = _progress(steps * config.optim.batch_size, desc, config.progress)
+  step_metrics = []
+  for batch in batches:
+    state, m = train_step(state, batch)
+    step_metrics.append(m)  # stays on device: no host sync inside the loop
+    bar.update(config.optim.batch_size)
+    if len(step_metrics) % 20 == 0:  # logging is the one place that syncs
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+  bar.close()
+  return state, step_metrics
+
+
+def check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int, workdir: Path) -> None:
+  """Checked once per epoch, after it (a per-step check would sync the host every step)."""
+  if np.all(np.isfinite(losses)):
+    return
+  first = int(np.argmax(~np.isfinite(losses)))
+  raise NonFiniteLossError(
+      f"Loss became {losses[first]} at step {epoch * steps_per_epoch + first + 1} (epoch "
+      f"{epoch + 1}); stopping. The last good checkpoint is kept in {workdir / 'ckpt'}. Try a "
+      f"lower --config.optim.lr or the gated head (App. B: the sigmoid head can collapse on "
+      f"large sets).")
+
+
+def end_epoch(epoch: int, state: TrainState, step_metrics: list, t0: float, progress: Progress,
+              *, config, scores: np.ndarray, val_recs, lr: float, workdir: Path,
+              ckpt: checkpoint.RunCheckpoints, labels) -> None:
+  """The epoch's bookkeeping: validation metrics, history, best predictions, checkpoints, log."""
   optim = config.optim
-  if len(train_recs) < optim.batch_size:
-    raise ValueError(f"Only {len(train_recs)} training images for batch size {optim.batch_size}; "
-                     f"lower --config.optim.batch_size")
-  mesh, mode = parallel.make_mesh(), config.get("parallel", "sharded")
+  losses = np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64)
+  train_time = time.time() - t0
+  val = metrics.compute_metrics(scores, [r.mos for r in val_recs])
+  entry = {"epoch": epoch, "step": int(state.step), "train_loss": float(losses.mean()),
+           "lr": lr, "train_img_per_s": len(losses) * optim.batch_size / max(train_time, 1e-9),
+           "val": val, "time_s": time.time() - t0}
+  if config.log_grad_norm:
+    entry["grad_norm"] = float(np.mean(jax.device_get([m["grad_norm"] for m in step_metrics])))
+  gates = gate_weights(state.params)
+  if gates:
+    entry["gate_w"] = gates
+  # A NaN SRCC (constant predictions) never counts as an improvement.
+  improved = math.isfinite(val["srcc"]) and (progress.best is None
+                                             or val["srcc"] > progress.best["srcc"])
+  if improved:
+    progress.best = {"epoch": epoch, **val}
+    write_predictions(workdir / "val_predictions.csv", val_recs, scores)
+  progress.history.append(entry)
+  checkpoint.write_history(workdir, progress.history)
+  ckpt.save(state, labels, "last", {"epoch": epoch, "best": progress.best})
+  if improved:
+    ckpt.save(state, labels, "best", {"epoch": epoch, "best": progress.best})
+  _log(f"epoch {epoch + 1:3d}/{optim.epochs}  loss {entry['train_loss']:.4f}  "
+       f"val SRCC {val['srcc']:.4f}  PLCC {val['plcc']:.4f}  "
+       f"{entry['train_img_per_s']:.1f} img/s  {entry['time_s']:.1f}s"
+       + ("  *" if improved else ""))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       restart: bool = False) -> dict:
+  """Runs (or resumes) one training run; returns and writes `results.json`.
+
+  The run folder is checked against `config` first (run_folder.open_run): a rerun resumes only
+  with a matching config; `restart` clears the folder's run files and starts over.
+  """
+  parallel.initialize_distributed(config.distributed)
+  parallel.enable_compilation_cache(config.compilation_cache)
+  workdir = Path(workdir)
+  run_folder.open_run(workdir, config, restart=restart)
+  optim = config.optim
+
+  # Data.
+  splits, skipped = load_data(config)
+  train_recs, val_recs = splits["train"], splits["val"]
+  mesh = parallel.make_mesh()
   parallel.check_batch_size(optim.batch_size, optim.grad_accum, mesh)
   host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
+  # Each process takes len // process_count records and drops the last partial batch.
+  steps_per_epoch = len(train_recs) // jax.process_count() // host_batch
+  cache, tfds = config.data.cache or None, tfds_source.build_dir(config.data)
+  _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
+       + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
+  # Model.
   model, params, preprocessing = create_model(config)
   pp_str = pp.run_pp(config.data, preprocessing)
   _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
        f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
-  _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
-       + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
-  cache, tfds = config.data.cache or None, tfds_source.build_dir(config.data)
-  loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
-                   shard_count=jax.process_count(), cache=cache, tfds=tfds)
-  steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, host_batch,
-                                                   seed=config.seed, epoch=0, **loader_kw))
-  schedule = resolve_schedule(config)
-  tx, labels = make_optimizer(_with_schedule(config, schedule), params, steps_per_epoch)
+  # Optimizer.
+  tx, labels = make_optimizer(config, params, steps_per_epoch)
+  lr_at = lr_schedule(optim.lr, optim, steps_per_epoch, resolve_schedule(config))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(config.seed + 1))
-  counts = count_by_label(params, labels)
-  _log("params: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+  _log("params: " + ", ".join(f"{k} {v:,}" for k, v in sorted(count_by_label(params,
+                                                                             labels).items())))
 
+  # Restore.
   ckpt = checkpoint.RunCheckpoints(workdir, save_frozen=not config.model.init)
-  start_epoch, best = 0, {"srcc": -math.inf}
-  history: list[dict] = []
-  restored = ckpt.restore_last(state, labels)
-  if restored is not None:
-    state, meta = restored
-    start_epoch, best = meta["epoch"] + 1, meta["best"]
-    history = [h for h in checkpoint.read_history(workdir) if h["epoch"] <= meta["epoch"]]
-    checkpoint.write_history(workdir, history)
-    _log(f"resume: from epoch {start_epoch} (step {int(state.step)}), best SRCC "
-         f"{best['srcc']:.4f}")
+  state, progress = restore(ckpt, state, labels, workdir)
+  record_data(workdir, splits, skipped)
 
-  state = parallel.put_state(state, labels, mesh, config.model.get("param_dtype"))
+  # Step.
+  mode = config.parallel
+  state = parallel.put_state(state, labels, mesh, config.model.param_dtype)
   train_step = parallel.jit_train_step(functools.partial(
       make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
-      with_grad_norm=config.log_grad_norm), mesh, mode, donate=config.get("donate", True))
+      with_grad_norm=config.log_grad_norm), mesh, mode, donate=config.donate)
   eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
   put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode, grad_accum=optim.grad_accum,
                           keys=("image", "mos"))
   val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
                                          workers=config.data.workers, cache=cache, tfds=tfds)
-  val_mos = np.array([r.mos for r in val_recs])
 
-  for epoch in range(start_epoch, optim.epochs):
+  # Epochs.
+  for epoch in range(progress.start_epoch, optim.epochs):
     t0 = time.time()
-    loader = pipeline.make_train_loader(train_recs, pp_str, host_batch, seed=config.seed,
-                                        epoch=epoch, **loader_kw)
-    bar = _progress(len(loader) * optim.batch_size, f"epoch {epoch + 1}/{optim.epochs}",
-                    config.progress)
-    step_metrics = []
-    for batch in parallel.prefetch_to_device(loader, put, config.get("prefetch", 2)):
-      state, m = train_step(state, batch)
-      step_metrics.append(m)  # stays on device: no host sync inside the loop
-      bar.update(optim.batch_size)
-      if len(step_metrics) % 20 == 0:  # logging is the one place that syncs
-        bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-    bar.close()
-    losses = np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64)
-    if not np.all(np.isfinite(losses)):
-      first = int(np.argmax(~np.isfinite(losses)))
-      step = epoch * steps_per_epoch + first + 1
-      raise NonFiniteLossError(
-          f"Loss became {losses[first]} at step {step} (epoch {epoch + 1}); stopping. The last "
-          f"good checkpoint is kept in {workdir / 'ckpt'}. Try a lower --config.optim.lr or the "
-          f"gated head (App. B: the sigmoid head can collapse on large sets).")
-    train_time = time.time() - t0
-    scores = predict(eval_fn, state.params, val_loader)
-    val = metrics.compute_metrics(scores, val_mos)
-    entry = {"epoch": epoch, "step": int(state.step), "train_loss": float(losses.mean()),
-             "lr_scale": _lr_scale(schedule, config, epoch),
-             "train_img_per_s": len(losses) * optim.batch_size / max(train_time, 1e-9),
-             "val": val, "time_s": time.time() - t0}
-    if config.log_grad_norm:
-      entry["grad_norm"] = float(np.mean(jax.device_get([m["grad_norm"] for m in step_metrics])))
-    gates = gate_weights(state.params)
-    if gates:
-      entry["gate_w"] = gates
-    improved = val["srcc"] > best["srcc"]
-    if improved:
-      best = {"epoch": epoch, **val}
-      write_predictions(workdir / "val_predictions.csv", val_recs, scores)
-    history.append(entry)
-    checkpoint.write_history(workdir, history)
-    ckpt.save(state, labels, "last", {"epoch": epoch, "best": best})
-    if improved:
-      ckpt.save(state, labels, "best", {"epoch": epoch, "best": best})
-    _log(f"epoch {epoch + 1:3d}/{optim.epochs}  loss {entry['train_loss']:.4f}  "
-         f"val SRCC {val['srcc']:.4f}  PLCC {val['plcc']:.4f}  "
-         f"{entry['train_img_per_s']:.1f} img/s  {entry['time_s']:.1f}s" + ("  *" if improved else ""))
+    loader = pipeline.make_train_loader(
+        train_recs, pp_str, host_batch, seed=config.seed, epoch=epoch, workers=config.data.workers,
+        shard_index=jax.process_index(), shard_count=jax.process_count(), cache=cache,
+        tfds=tfds)
+    state, step_metrics = train_epoch(
+        train_step, state, parallel.prefetch_to_device(loader, put, config.prefetch),
+        steps_per_epoch, config, f"epoch {epoch + 1}/{optim.epochs}")
+    check_finite(np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64),
+                 epoch, steps_per_epoch, workdir)
+    end_epoch(epoch, state, step_metrics, t0, progress, config=config,
+              scores=predict(eval_fn, state.params, val_loader), val_recs=val_recs,
+              lr=float(lr_at(epoch * steps_per_epoch)), workdir=workdir, ckpt=ckpt, labels=labels)
 
-  final = history[-1]["val"] if history else {}
-  results = {
-      "name": config.name, "dataset": config.data.name, "backbone": config.model.backbone,
-      "head": config.model.head, "finetune": config.model.finetune, "seed": config.seed,
-      "epochs": optim.epochs, "n_train": len(train_recs), "n_val": len(val_recs),
-      "n_skipped": n_skipped, "best": best, "final": {"epoch": optim.epochs - 1, **final},
-      "test": None, "status": "done",
-  }
-  if "test" in splits and splits["test"]:
+  # Test.
+  results = summarize(config, progress, splits, len(skipped))
+  if results["status"] == "done" and splits.get("test"):
     best_state = ckpt.restore_best(state, labels) or state
     test_loader = pipeline.make_eval_loader(splits["test"], pp_str, config.eval_batch_size,
                                             workers=config.data.workers, cache=cache, tfds=tfds)
     test_scores = predict(eval_fn, best_state.params, test_loader)
     results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  run_folder.write_json(workdir / run_folder.RESULTS, results)
   ckpt.close()
+  return results
+
+
+def summarize(config, progress: Progress, splits: dict, n_skipped: int) -> dict:
+  """results.json: the best and final validation metrics; a run whose validation SRCC was NaN
+  in every epoch (constant predictions) is recorded as failed, with why."""
+  final = progress.history[-1]["val"] if progress.history else {}
+  results = {
+      "name": config.name, "dataset": config.data.name, "backbone": config.model.backbone,
+      "head": config.model.head, "finetune": config.model.finetune, "seed": config.seed,
+      "epochs": config.optim.epochs, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+      "n_skipped": n_skipped, "best": progress.best,
+      "final": {"epoch": config.optim.epochs - 1, **final}, "test": None, "status": "done",
+  }
+  if progress.best is None:
+    results["status"] = "failed"
+    results["error"] = (
+        f"validation SRCC was NaN in all {len(progress.history)} epochs: the model predicts one "
+        f"constant score (App. B: the sigmoid head can collapse); no ckpt/best was saved. Try "
+        f"the gated head or a lower --config.optim.lr.")
   return results
 
 
 def write_predictions(path: Path, records, scores) -> None:
   """Per-image predictions of the best epoch (for scatter plots and error analysis)."""
-  tmp = path.with_suffix(".tmp")
-  with open(tmp, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["path", "mos", "pred"])
-    for r, s in zip(records, scores):
-      w.writerow([r.path, f"{r.mos:.6f}", f"{float(s):.6f}"])
-  tmp.replace(path)
-
-
-def _with_schedule(config, schedule: str):
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.optim.schedule = schedule
-  return c
-
-
-def _lr_scale(schedule: str, config, epoch: int) -> float:
-  if schedule == "constant":
-    return 1.0
-  return float(config.optim.gamma ** sum(epoch >= m for m in config.optim.milestones))
+  run_folder.write_csv(path, ("path", "mos", "pred"),
+                       ([r.path, f"{r.mos:.6f}", f"{float(s):.6f}"]
+                        for r, s in zip(records, scores, strict=True)))
 
 
 def print_results_table(results: dict) -> None:
+  if results["status"] != "done":
+    print(f"\nrun failed: {results.get('error', results['status'])}", flush=True)
+    return
   b, f = results["best"], results["final"]
-  rows = [("best", b.get("epoch", -1) + 1, b.get("srcc"), b.get("plcc")),
-          ("final", f.get("epoch", -1) + 1, f.get("srcc"), f.get("plcc"))]
+  rows = [("best", b["epoch"] + 1, b["srcc"], b["plcc"]),
+          ("final", f["epoch"] + 1, f["srcc"], f["plcc"])]
   if results.get("test"):
-    rows.append(("test", b.get("epoch", -1) + 1, results["test"]["srcc"], results["test"]["plcc"]))
-  print(f"\n| {results['dataset']} ({results['head']} head, seed {results['seed']}) | epoch | SRCC | PLCC |")
+    rows.append(("test", b["epoch"] + 1, results["test"]["srcc"], results["test"]["plcc"]))
+  print(f"\n| {results['dataset']} ({results['head']} head, seed {results['seed']}) "
+        f"| epoch | SRCC | PLCC |")
   print("|---|---|---|---|")
   for name, ep, s, p in rows:
     print(f"| {name} | {ep} | {s:.4f} | {p:.4f} |")
@@ -255,6 +306,8 @@ def main(argv=None) -> int:
   from ml_collections import config_flags
 
   flags.DEFINE_string("workdir", None, "Run folder (default: checkpoints/<config name>).")
+  flags.DEFINE_bool("restart", False, "Clear the run folder's run files and train from scratch "
+                    "(a rerun otherwise resumes, and only with the recorded config).")
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py.",
                                   lock_config=True)
 
@@ -264,14 +317,23 @@ def main(argv=None) -> int:
       raise app.UsageError("Pass --config configs/siglip2_gated.py (or another file in configs/).")
     workdir = flags.FLAGS.workdir or os.path.join("checkpoints", config.name)
     try:
-      results = train_and_evaluate(config, workdir)
+      results = train_and_evaluate(config, workdir, restart=flags.FLAGS.restart)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print_results_table(results)
     print(f"run folder: {workdir}")
+    if results["status"] != "done":
+      sys.exit(1)
 
-  app.run(_main, argv=argv)
+  def _parse(args):
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:  # a bad --config argument or field: one line, exit 2
+      print(f"error: {flag_error(e)}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main, argv=argv, flags_parser=_parse)
   return 0
 
 

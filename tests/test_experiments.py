@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_demo_config
 from scipy import stats
 
-from iqa_jax import experiments, report, train
+from iqa_jax import experiments, report, run_folder, train
 
 BLUR, NOISE = "demo:gaussian_blur+pixelate", "demo:white_noise+jpeg"
 
@@ -106,7 +106,7 @@ def test_matrix_writes_runs_results_tables_and_plots(matrix):
   assert (matrix / "heads_by_dataset.png").exists()
 
 
-def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch):
+def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch, capsys):
   before = (matrix / "results.jsonl").read_text()
 
   def must_not_train(*_):
@@ -116,6 +116,10 @@ def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch):
   monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("re-evaluated"))
   assert experiments.main(_cli_args(tiny_demo_dir, matrix) + ["--noplots"]) == 0
   assert (matrix / "results.jsonl").read_text() == before
+  # Another config over the same runs is refused (issue 10 item 2), not skipped as done.
+  assert experiments.main(_cli_args(tiny_demo_dir, matrix) + ["--config.optim.lr=5e-4"]) == 2
+  assert "optim.lr (0.001 -> 0.0005)" in capsys.readouterr().err
+  assert (matrix / "results.jsonl").read_text() == before
 
 
 def test_killed_run_resumes(matrix, tiny_demo_dir):
@@ -123,8 +127,9 @@ def test_killed_run_resumes(matrix, tiny_demo_dir):
   workdir = matrix / "runs" / "demo-gaussian_blur+pixelate" / "gated" / "seed8"
   done = json.loads((workdir / "results.json").read_text())
   (workdir / "results.json").unlink()
-  rows = experiments.run_matrix(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1}), [BLUR],
-                                [8], ["gated"], matrix, plots=False)
+  # The matrix's config (configs/demo.py:epochs=1 sets milestones (1, 1)): a resume needs it.
+  config = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1, "optim.milestones": (1, 1)})
+  rows = experiments.run_matrix(config, [BLUR], [8], ["gated"], matrix, plots=False)
   resumed = json.loads((workdir / "results.json").read_text())
   assert resumed["best"] == done["best"] and resumed["final"] == done["final"]
   assert [r["status"] for r in rows if r["kind"] == "run"] == ["done"]
@@ -160,7 +165,29 @@ def test_cli_help_and_usage_errors(capsys, tmp_path):
   assert experiments.main(["experiments", "--help"]) == 0
   assert "--cross" in capsys.readouterr().out
   assert experiments.main(["experiments", "--config", "configs/demo.py"]) == 2  # no --out
-  assert experiments.main(["experiments", "--config", "configs/demo.py", "--out", str(tmp_path / "m"),
-                           "--datasets", "demo:blurry"]) == 2
+  assert experiments.main(["experiments", "--config", "configs/demo.py",
+                           "--out", str(tmp_path / "m"), "--datasets", "demo:blurry"]) == 2
   assert "unknown demo distortion" in capsys.readouterr().err
   assert not (tmp_path / "m").exists()
+
+
+def test_nan_only_validation_is_a_failed_run_and_the_matrix_goes_on(tiny_demo_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+  """Issue 10 item 4: constant predictions (a collapsed head) make every validation SRCC NaN."""
+  monkeypatch.setattr(train, "predict", lambda _fn, _params, loader, **_: np.full(
+      sum(int(np.sum(b["valid"])) for b in loader), 0.5, np.float32))
+  base = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1})
+  rows = experiments.run_matrix(base, [BLUR], [8], ["gated"], tmp_path / "m",
+                                cross=[f"{BLUR}:{NOISE}"], plots=False, compile_cache=None)
+  workdir = tmp_path / "m" / "runs" / "demo-gaussian_blur+pixelate" / "gated" / "seed8"
+  # Strict JSON: no -Infinity/NaN constants in results.json.
+  results = json.loads((workdir / "results.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+  assert results["status"] == "failed" and results["best"] is None
+  assert "validation SRCC was NaN in all 1 epochs" in results["error"]
+  assert not run_folder.saved_steps(workdir / "ckpt" / "best")  # no best epoch to save
+  assert [(r["kind"], r["status"]) for r in rows] == [("run", "failed")]  # cross skipped
+  stored = report.load_rows(tmp_path / "m" / "results.jsonl")
+  assert [(r["status"], r["error"]) for r in stored] == [("failed", results["error"])]
+  train.print_results_table(results)  # the CLI's table: no TypeError
+  assert "run failed: validation SRCC was NaN" in capsys.readouterr().out

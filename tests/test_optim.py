@@ -2,8 +2,7 @@
 import pytest
 
 from iqa_jax.defaults import base_config
-from iqa_jax.optim import lr_schedule
-from iqa_jax.train import resolve_schedule
+from iqa_jax.optim import lr_schedule, resolve_schedule
 
 
 def test_multistep_is_x02_at_epochs_15_and_25():
