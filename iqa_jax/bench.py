@@ -2,6 +2,7 @@
 
 python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 32
 python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 8 --tiny          # runs on CPU
+python -m iqa_jax.bench --config configs/dinov2.py --batch 8 --tiny --flops-only    # no compile
 python -m iqa_jax.bench --config configs/siglip2_gated.py --set model.remat=dots --set donate=False
 python -m iqa_jax.bench --config configs/siglip2_gated.py --vs-torch scratch/torch_reference.py
 
@@ -142,7 +143,7 @@ def _timed(fn, n: int) -> float:
 
 def count_flops(config, batch: int, infer_batch: int) -> dict:
   """XLA's FLOP count of the train and eval steps on abstract shapes: nothing is initialised or
-  compiled, so it takes seconds even for SO400M@512 on a CPU, and it checks that a config
+  compiled (SO400M@512 in under a minute on a CPU, in 0.4 GB), and it checks that a config
   builds and differentiates."""
   import jax
   import jax.numpy as jnp
@@ -175,6 +176,7 @@ def count_flops(config, batch: int, infer_batch: int) -> dict:
       step=jnp.zeros((), jnp.int32), params=parallel.cast_frozen(
           p, labels, config.model.get("param_dtype")), opt_state=tx.init(p),
       rng=jax.random.PRNGKey(0)), params)
+
   def on(sharding):
     return lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
   state = jax.tree.map(on(parallel.replicated(mesh)), state)
@@ -190,8 +192,10 @@ def count_flops(config, batch: int, infer_batch: int) -> dict:
       jax.ShapeDtypeStruct((infer_batch, size, size, 3), jnp.float32))
   lowered_eval = parallel.jit_eval_step(make_eval_step(model), mesh).jitted.lower(state.params,
                                                                                 images)
+
   def flops(low):
     return float(low.cost_analysis()["flops"]) * mesh.size
+
   fwd = hand_forward_flops(config, model, size)
   devices = jax.devices()
   return {"device": f"{len(devices)} x {devices[0].device_kind}", "backbone":
@@ -288,8 +292,10 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   fwd = hand_forward_flops(config, model, size)
   train_ips, infer_ips = batch * steps / train_s, infer_batch * steps / infer_s
   finetune = config.model.finetune
+
   def tflops(f, ips):
     return None if f is None else f * ips / 1e12
+
   xla_eval = _xla_flops(compiled_eval, mesh.size)
   devices = jax.devices()
   return {
