@@ -2,6 +2,7 @@
 
 python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 32
 python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 8 --tiny          # runs on CPU
+python -m iqa_jax.bench --config configs/dinov2.py --batch 8 --tiny --flops-only    # no compile
 python -m iqa_jax.bench --config configs/siglip2_gated.py --set model.remat=dots --set donate=False
 python -m iqa_jax.bench --config configs/siglip2_gated.py --vs-torch scratch/torch_reference.py
 
@@ -28,6 +29,24 @@ import numpy as np
 # The anchors' --tiny tower (torch_reference.py), small enough for a CPU.
 TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, patch_size=16, image_size=64)
+TINY_SIZE = TINY_ARCH["image_size"]
+# --tiny for every family: config.model fields that shrink its tower to about the same size
+# (width 64, 2 blocks, 64 px). Each family names its architecture fields its own way.
+TINY_MODEL = {
+    "siglip": {"arch": TINY_ARCH},
+    "clip": {"arch": dict(TINY_ARCH, projection_dim=32)},
+    "dinov2": {"arch": dict(hidden_size=64, mlp_ratio=2, num_hidden_layers=2,
+                            num_attention_heads=4, patch_size=16, image_size=TINY_SIZE)},
+    "dinov3": {"arch": dict(TINY_ARCH, num_register_tokens=2)},
+    "siglip2_naflex": {"arch": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, patch_size=16,
+                                    num_patches=(TINY_SIZE // 16) ** 2)},
+    "pe": {"arch": dict(embed_dim=64, depth=2, num_heads=4, patch_size=16, img_size=TINY_SIZE,
+                        ref_feat_shape=(TINY_SIZE // 16,) * 2, num_classes=32,
+                        attn_pool_num_heads=2),
+           "tap_layer": -1},
+    "resnet": {"arch": dict(embedding_size=16, hidden_sizes=(32, 64), depths=(1, 1))},
+}
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
 TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
@@ -56,6 +75,18 @@ def apply_override(config, item: str) -> None:
   node[leaf] = value
 
 
+def shrink(config) -> None:
+  """--tiny: the config's own family at about the anchors' tiny size, at 64 px."""
+  family = config.model.backbone
+  if family not in TINY_MODEL:
+    raise ValueError(f"--tiny has no tiny tower for config.model.backbone={family!r}; "
+                     f"known: {sorted(TINY_MODEL)}")
+  for key, value in TINY_MODEL[family].items():
+    config.model[key] = dict(value) if isinstance(value, dict) else value
+  config.data.image_size = TINY_SIZE
+  config.data.pp = ""  # the checkpoint's native recipe at 64 px (NaFlex's budget: square)
+
+
 def siglip_forward_flops(cfg, size: int) -> float:
   """Matmul FLOPs of one image through a SigLIP tower and its MAP head (2 per multiply-add)."""
   d, m, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
@@ -64,6 +95,13 @@ def siglip_forward_flops(cfg, size: int) -> float:
   layer = 2 * t * (4 * d * d + 2 * d * m) + 2 * 2 * t * t * d  # projections, MLP, QK^T and AV
   head = 2 * (2 * t * d * d + 2 * d * d + 2 * d * m) + 2 * 2 * t * d if cfg.vision_use_head else 0
   return patch + cfg.num_hidden_layers * layer + head
+
+
+def hand_forward_flops(config, model, size: int) -> float | None:
+  """The hand count is SigLIP's (square images, MAP head); other families report XLA's count."""
+  if config.model.backbone in ("siglip", "siglip2_naflex"):
+    return siglip_forward_flops(model.backbone.cfg, size)
+  return None
 
 
 def _xla_flops(compiled, devices: int) -> float | None:
@@ -101,6 +139,71 @@ def _timed(fn, n: int) -> float:
     out = fn()
   jax.block_until_ready(out)
   return time.perf_counter() - t0
+
+
+def count_flops(config, batch: int, infer_batch: int) -> dict:
+  """XLA's FLOP count of the train and eval steps on abstract shapes: nothing is initialised or
+  compiled (SO400M@512 in under a minute on a CPU, in 0.4 GB), and it checks that a config
+  builds and differentiates."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from iqa_jax import parallel
+  from iqa_jax.models.model import create_model
+  from iqa_jax.optim import make_optimizer
+  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+
+  t0 = time.perf_counter()
+  config.model.init = None
+  if "scan" in config.model:  # XLA counts a loop body once: unroll the layers to count them all
+    config.model.scan = False
+  built = {}
+
+  def init(rng):
+    built["model"], params, built["preprocessing"] = create_model(config, rng)
+    return params
+
+  params = jax.eval_shape(init, jax.random.PRNGKey(0))
+  model, preprocessing = built["model"], built["preprocessing"]
+  size = config.data.image_size or preprocessing["crop"] or preprocessing["size"]
+  mesh = parallel.make_mesh()
+  accum = config.optim.grad_accum
+  parallel.check_batch_size(batch, accum, mesh)
+  tx, labels = make_optimizer(config, params, steps_per_epoch=1000)
+  state = jax.eval_shape(lambda p: TrainState(
+      step=jnp.zeros((), jnp.int32), params=parallel.cast_frozen(
+          p, labels, config.model.get("param_dtype")), opt_state=tx.init(p),
+      rng=jax.random.PRNGKey(0)), params)
+
+  def on(sharding):
+    return lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+  state = jax.tree.map(on(parallel.replicated(mesh)), state)
+  micro = NamedSharding(mesh, P(None, parallel.AXIS))
+  device_batch = {"image": on(micro)(jax.ShapeDtypeStruct(
+                      (accum, batch // accum, size, size, 3), jnp.float32)),
+                  "mos": on(micro)(jax.ShapeDtypeStruct((accum, batch // accum), jnp.float32))}
+  train_step = parallel.jit_train_step(functools.partial(
+      make_train_step, model, tx, labels, grad_accum=accum,
+      margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight), mesh)
+  lowered = train_step.lower(state, device_batch)
+  images = on(NamedSharding(mesh, P(parallel.AXIS)))(
+      jax.ShapeDtypeStruct((infer_batch, size, size, 3), jnp.float32))
+  lowered_eval = parallel.jit_eval_step(make_eval_step(model), mesh).jitted.lower(state.params,
+                                                                                images)
+
+  def flops(low):
+    return float(low.cost_analysis()["flops"]) * mesh.size
+
+  fwd = hand_forward_flops(config, model, size)
+  devices = jax.devices()
+  return {"device": f"{len(devices)} x {devices[0].device_kind}", "backbone":
+          config.model.backbone, "finetune": config.model.finetune, "image_size": size,
+          "batch": batch, "infer_batch": infer_batch, "trace_s": time.perf_counter() - t0,
+          "xla_train_gflop_per_img": flops(lowered) / batch / 1e9,
+          "xla_infer_gflop_per_img": flops(lowered_eval) / infer_batch / 1e9,
+          "forward_gflop_per_img": None if fwd is None else fwd / 1e9}
 
 
 def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
@@ -186,12 +289,13 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   _timed(lambda: compiled_eval(params, x), warmup)
   infer_s = _timed(lambda: compiled_eval(params, x), steps)
 
-  fwd = (siglip_forward_flops(model.backbone.cfg, size)
-         if hasattr(model.backbone, "cfg") and hasattr(model.backbone.cfg, "hidden_size")
-         else None)
+  fwd = hand_forward_flops(config, model, size)
   train_ips, infer_ips = batch * steps / train_s, infer_batch * steps / infer_s
   finetune = config.model.finetune
-  tflops = lambda f, ips: None if f is None else f * ips / 1e12
+
+  def tflops(f, ips):
+    return None if f is None else f * ips / 1e12
+
   xla_eval = _xla_flops(compiled_eval, mesh.size)
   devices = jax.devices()
   return {
@@ -274,6 +378,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--tiny", action="store_true", help="the anchors' tiny tower, for CPUs")
+  ap.add_argument("--flops-only", action="store_true",
+                  help="trace the steps and print XLA's FLOP count; no compile, no timing")
   ap.add_argument("--feed", default="device", choices=("device", "host"),
                   help="device: one batch kept on the devices; host: a host batch per step")
   ap.add_argument("--host-sync", action="store_true", help="read the loss back every step")
@@ -288,11 +394,19 @@ def main(argv=None) -> int:
   config.optim.batch_size, config.optim.grad_accum = a.batch, a.grad_accum
   config.optim.schedule = "constant"  # "auto" needs a dataset; the lr does not change the speed
   if a.tiny:
-    config.model.arch = dict(TINY_ARCH)
-    config.data.image_size = TINY_ARCH["image_size"]
+    shrink(config)
   for item in a.set:
     apply_override(config, item)
 
+  if a.flops_only:
+    r = count_flops(config, a.batch, a.infer_batch)
+    print(f"device     {r['device']}; {r['backbone']}, {r['finetune']}, {r['image_size']}px "
+          f"(traced in {r['trace_s']:.1f} s, not compiled)")
+    print(f"GFLOP/img  train {r['xla_train_gflop_per_img']:.4g}, inference "
+          f"{r['xla_infer_gflop_per_img']:.4g} (XLA-counted); hand-counted forward "
+          f"{_fmt(r['forward_gflop_per_img'], '', 4)}")
+    print("BENCH_JSON " + json.dumps(r), flush=True)
+    return 0
   ref = None
   if a.vs_torch:  # before JAX takes the GPU's memory
     if not Path(a.vs_torch).is_file():

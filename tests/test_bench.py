@@ -1,5 +1,6 @@
 """The --tiny benchmark runs on CPU and prints its figures; its FLOP count vs worked numbers."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,37 @@ def test_tiny_bench_prints_its_figures(capsys, tmp_path):
   assert r["xla_infer_tflops"] / r["infer_tflops"] == pytest.approx(1.0, abs=0.3)
   assert r["train_peak_mib"] is not None or r["train_compiled_mib"] > 0
   assert "torch" not in r  # no CUDA here: the reference is skipped, not run
+
+
+def _one_config_per_family() -> dict[str, str]:
+  """configs/*.py, one per backbone family (the siglip2_* heads share one tower)."""
+  root = Path(__file__).resolve().parent.parent / "configs"
+  found: dict[str, str] = {}
+  for path in sorted(root.glob("*.py")):
+    found.setdefault(bench.load_config(str(path)).model.backbone, str(path))
+  return found
+
+
+FAMILIES = _one_config_per_family()
+
+
+def test_every_backbone_family_has_a_tiny_tower():
+  assert set(FAMILIES) == set(bench.TINY_MODEL)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_bench_traces_every_family(family, capsys):
+  """--tiny --flops-only traces the real train and eval steps of each config (no compile):
+  the train step is forward + remat recompute + activation backward, 2-3.5 forwards' worth."""
+  assert bench.main(["--config", FAMILIES[family], "--batch", "4", "--infer-batch", "4",
+                     "--tiny", "--flops-only"]) == 0
+  out = capsys.readouterr().out
+  assert "\nGFLOP/img " in out
+  r = json.loads(out.split("BENCH_JSON ", 1)[1])
+  assert r["backbone"] == family and r["image_size"] == bench.TINY_SIZE
+  ratio = r["xla_train_gflop_per_img"] / r["xla_infer_gflop_per_img"]
+  assert 2.0 < ratio < 3.5, ratio  # measured 2.19 (resnet) to 2.54 (dinov3)
+  if r["forward_gflop_per_img"] is not None:  # SigLIP towers: the hand count + the head's
+    head = 2 * (64 * 512 + 512 * 512 + 512) / 1e9  # d->512->512->1; XLA adds LN/GELU/softmax
+    assert r["xla_infer_gflop_per_img"] == pytest.approx(r["forward_gflop_per_img"] + head,
+                                                         rel=0.08)  # measured 5.8%
