@@ -35,6 +35,7 @@ BACKBONES: dict[str, str] = {
     "dinov3": "iqa_jax.models.dinov3:build",
     "siglip2_naflex": "iqa_jax.models.siglip2_naflex:build",
     "pe": "iqa_jax.models.pe:build",
+    "cleandift": "iqa_jax.models.cleandift:build",
 }
 
 
