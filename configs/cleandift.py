@@ -3,7 +3,7 @@
 python -m iqa_jax.train --config configs/cleandift.py:head=gated \
   --config.data.name=koniq10k --config.data.dir=/data/koniq
 Args: head=baseline|sigmoid|gated (default gated), init=<SD 2.1 hub id or folder>,
-unet=<CleanDIFT UNet: folder, .safetensors file or hub_id:file>.
+unet=<CleanDIFT UNet: folder, .safetensors file or hub_id:file; empty: init's own unet/>.
 """
 import ml_collections
 
