@@ -42,13 +42,13 @@ def read_json(folder: Path, name: str) -> dict:
     return json.load(fh)
 
 
-def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint as numpy float32, single-file or sharded."""
+def read_safetensors(folder: Path, files: list[str] | None = None) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint as numpy float32, single-file or sharded (or just `files`)."""
   from safetensors import safe_open
   index = folder / "model.safetensors.index.json"
-  if index.exists():
+  if files is None and index.exists():
     files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-  else:
+  elif files is None:
     files = sorted(f.name for f in folder.glob("*.safetensors"))
   if not files:
     raise CheckpointNotFoundError(f"No *.safetensors in {folder}. Re-save the model with "
@@ -187,14 +187,16 @@ def to_flax_tree(tensors: dict[str, np.ndarray], table: WeightTable, *,
 
 
 def merge_loaded(init_params, loaded, where: str = "checkpoint"):
-  """Overlay loaded arrays on freshly initialised params; shapes must agree, LoRA leaves stay."""
+  """Overlay loaded arrays on freshly initialised params; shapes must agree, LoRA leaves and
+  new modules (lora.NEW_MODULES) keep their initialisation."""
+  from iqa_jax.models.lora import NEW_MODULES
   def merge(init, new, path):
     if isinstance(init, dict):
       out = {}
       for k, v in init.items():
         if k in new:
           out[k] = merge(v, new[k], path + "/" + k)
-        elif k.startswith("lora_"):
+        elif k.startswith("lora_") or k in NEW_MODULES:
           out[k] = v
         else:
           raise ValueError(f"{where}: no weight for {path}/{k}")

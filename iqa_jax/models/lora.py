@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 LORA_NAMES = ("lora_a", "lora_b")
+# Backbone modules with no pretrained weights (CleanDIFT's DP-IQA adapter): they train with the
+# head in every mode, and a checkpoint need not hold them.
+NEW_MODULES = ("adapter",)
 
 
 def peft_kaiming_uniform(key, shape, dtype=jnp.float32):
@@ -56,7 +59,8 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def param_labels(params, mode: str):
-  """Label each leaf 'head', 'backbone', 'lora' or 'frozen' for `mode` in frozen|lora|full.
+  """Label each leaf 'head', 'backbone', 'lora' or 'frozen' for `mode` in frozen|lora|full;
+  backbone modules in NEW_MODULES are labelled 'head'.
 
   `params` is the model tree {'backbone': ..., 'head': ...}.
   """
@@ -65,7 +69,7 @@ def param_labels(params, mode: str):
 
   def label(path, _):
     names = _path_names(path)
-    if names[0] != "backbone":
+    if names[0] != "backbone" or any(n in NEW_MODULES for n in names):
       return "head"
     if mode == "full":
       return "backbone"

@@ -9,7 +9,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax.models import clip, dinov2, dinov3, hf_io, pe, resnet, siglip, siglip2_naflex
+from iqa_jax.models import (
+    cleandift,
+    clip,
+    dinov2,
+    dinov3,
+    hf_io,
+    pe,
+    resnet,
+    siglip,
+    siglip2_naflex,
+)
 from iqa_jax.models.head import QualityHead, resolve_head
 from iqa_jax.models.tower import DTYPES, Backbone  # noqa: F401 - the names callers know
 
@@ -23,6 +33,7 @@ BACKBONES: dict[str, Callable[[ml_collections.ConfigDict], Backbone]] = {
     "dinov3": dinov3.build,
     "siglip2_naflex": siglip2_naflex.build,
     "pe": pe.build,
+    "cleandift": cleandift.build,
 }
 
 
