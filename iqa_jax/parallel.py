@@ -95,8 +95,9 @@ def cast_frozen(params, labels, dtype: str | None):
   step. Trainable leaves keep float32 (App. B.1). None or 'float32' changes nothing."""
   if not dtype or jnp.dtype(dtype) == jnp.float32:
     return params
-  cast = lambda p, l: (p.astype(dtype) if l == "frozen" and jnp.issubdtype(p.dtype, jnp.floating)
-                       else p)
+  def cast(p, label):
+    return (p.astype(dtype) if label == "frozen" and jnp.issubdtype(p.dtype, jnp.floating)
+            else p)
   return jax.tree.map(cast, params, labels)
 
 

@@ -23,7 +23,9 @@ HEAD_COLORS = {"baseline": "tab:blue", "sigmoid": "tab:orange", "gated": "tab:gr
 
 def read_history(workdir: str | Path) -> list[dict]:
   f = Path(workdir) / "history.jsonl"
-  return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
+  if not f.exists():
+    return []
+  return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
 def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -98,7 +100,7 @@ def plot_gate_weights(history: list[dict], path: str | Path, title: str = "") ->
   fig = Figure(figsize=(11, 3.2 * len(layers)), layout="constrained")
   axes = np.atleast_2d(fig.subplots(len(layers), 2, gridspec_kw={"width_ratios": [2.2, 1]}))
   epochs = [h["epoch"] + 1 for h in history]
-  for (ax_epochs, ax_last), layer in zip(axes, layers):
+  for (ax_epochs, ax_last), layer in zip(axes, layers, strict=True):
     per_epoch = [np.asarray(h["gate_w"][layer]) for h in history]
     spread = [i for i, w in enumerate(per_epoch) if np.ptp(w) > 1e-9]
     if spread:  # a KDE needs spread; a layer that has not moved is drawn as a tick
@@ -186,7 +188,7 @@ def plot_head_comparison(rows: list[dict], path: str | Path, which: str = "best"
   fig = Figure(figsize=(5 + 2.2 * sum(len(p[0]) for p in panels), 4.5), layout="constrained")
   axes = np.atleast_1d(fig.subplots(1, len(panels),
                                     gridspec_kw={"width_ratios": [len(p[0]) for p in panels]}))
-  for ax, (groups, values, ylabel, title) in zip(axes, panels):
+  for ax, (groups, values, ylabel, title) in zip(axes, panels, strict=True):
     _bars(ax, groups, heads, values, ylabel, title)
   models = sorted({r["model"] for r in runs})
   fig.suptitle(f"{', '.join(models)}: heads compared, mean ± std over seeds")

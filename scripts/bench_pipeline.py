@@ -53,7 +53,7 @@ def time_epoch(records, pp_str, workers, threads, batch_size, cache=None,
                                       workers=workers, threads=threads, cache=cache, tfds=tfds)
   cpu0 = _cpu_seconds()
   warmup = max(len(loader) // 4, 1)  # worker start-up and the prefetch buffer filling up
-  for i, batch in enumerate(loader):
+  for i, batch in enumerate(loader):  # noqa: B007 - the last batch is freed below
     if i == warmup:
       t0 = time.perf_counter()
   wall = time.perf_counter() - t0

@@ -24,8 +24,9 @@ def tiny_siglip_dir(tmp_path_factory):
       p.add_(0.05 * torch.randn_like(p))
   folder = tmp_path_factory.mktemp("tiny_siglip")
   model.save_pretrained(folder)
-  # resample=2 (bilinear) as in the released google/siglip2-so400m-patch16-512 preprocessor_config.json
-  transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, resample=2).save_pretrained(folder)
+  # resample=2 (bilinear), as the released google/siglip2-so400m-patch16-512 preprocessor has
+  transformers.SiglipImageProcessor(size={"height": 32, "width": 32},
+                                    resample=2).save_pretrained(folder)
   return folder
 
 
@@ -34,7 +35,8 @@ def tiny_demo_dir(tmp_path_factory):
   """A small demo set: 4 photos x 3 tiles x 4 distortions x 5 levels = 240 images."""
   from iqa_jax.data import demo
   folder = tmp_path_factory.mktemp("demo_data")
-  demo.build_demo(str(folder), size=32, photos=("astronaut", "camera", "chelsea", "coffee"), tiles=3)
+  demo.build_demo(str(folder), size=32, photos=("astronaut", "camera", "chelsea", "coffee"),
+                  tiles=3)
   return folder
 
 
@@ -73,7 +75,8 @@ def tiny_csv_set(folder, n=14):
 
 def train_two_steps(tmp_path, config_name: str, arch: dict, data: dict | None = None, **model):
   """configs/<name>.py with a tiny random tower through the real train loop: 8 train images
-  (6 val), batch 4 = 2 micro-batches x 2, one epoch -> two optimizer steps. -> (results, history)."""
+  (6 val), batch 4 = 2 micro-batches x 2, one epoch -> two optimizer steps.
+  -> (results, history)."""
   from iqa_jax import checkpoint, train
   config = load_config(config_name, "head=gated")
   config.model.update(init=None, arch=arch, dtype="float32", remat="nothing", **model)

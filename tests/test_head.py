@@ -9,7 +9,8 @@ from iqa_jax.models.head import GatedActivation, QualityHead, resolve_head
 
 
 def _eq3(x, g, alpha, beta, gamma, a):
-  sig = lambda z: 1 / (1 + np.exp(-z))
+  def sig(z):
+    return 1 / (1 + np.exp(-z))
   w = sig(g)
   return w * gamma * sig(alpha * x + beta) + (1 - w) * np.where(x >= 0, x, a * x)
 
@@ -51,7 +52,7 @@ def test_fixed_heads_match_torch_mlp(acts, torch_acts):
   ref = torch.nn.Sequential(torch.nn.Linear(d, 16), torch_acts[0], torch.nn.Linear(16, 16),
                             torch_acts[1], torch.nn.Linear(16, 1))
   with torch.no_grad():
-    for i, name in zip((0, 2, 4), ("fc1", "fc2", "fc3")):
+    for i, name in zip((0, 2, 4), ("fc1", "fc2", "fc3"), strict=True):
       ref[i].weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).T))
       ref[i].bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
     want = ref(torch.from_numpy(x))[:, 0].numpy()

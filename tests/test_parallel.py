@@ -42,7 +42,7 @@ def _max_diff(a, b) -> float:
   import jax
   import numpy as np
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _train_two_steps(mode: str, dropout: float) -> dict:
@@ -154,7 +154,8 @@ def _multihost_worker(process_id: int, port: int, out_json: str) -> None:
   rng = np.random.default_rng(0)  # the same global batch in both processes
   batch = {"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
            "mos": rng.uniform(size=BATCH).astype(np.float32)}
-  half = lambda x, p: x.reshape((ACCUM, 2, -1) + x.shape[1:])[:, p].reshape((-1,) + x.shape[1:])
+  def half(x, p):
+    return x.reshape((ACCUM, 2, -1) + x.shape[1:])[:, p].reshape((-1,) + x.shape[1:])
   local = {k: half(v, process_id) for k, v in batch.items()}  # micro j = [process 0, process 1]
   make_step = functools.partial(make_train_step, model, tx, labels, grad_accum=ACCUM)
   ref, m = jax.jit(make_step())(state, batch)
@@ -234,7 +235,8 @@ def test_batch_that_does_not_split_over_devices_is_refused():
 def test_prefetch_keeps_order_and_reads_ahead():
   from iqa_jax import parallel
   placed = []
-  put = lambda b: placed.append(b) or b
+  def put(b):
+    return placed.append(b) or b
   it = parallel.prefetch_to_device(range(5), put, size=2)
   assert next(it) == 0 and placed == [0, 1, 2]
   assert list(it) == [1, 2, 3, 4]

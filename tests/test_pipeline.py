@@ -97,7 +97,7 @@ def test_check_records_bad_inputs(tmp_path, records):
            (images.ImageError, "truncated.jpg.*cannot decode"),
            (ValueError, "02.jpg.*not a number"), (ValueError, "03.jpg.*outside"),
            (ValueError, "04.jpg \\(record 1\\): duplicate path \\(also at record 0\\)")]
-  for (error, pattern), rec in zip(cases, bad[:5] + [None]):
+  for (error, pattern), rec in zip(cases, bad[:5] + [None], strict=True):
     rows = [records[5], rec] if rec else [records[4], records[4]]
     with pytest.raises(error, match=pattern):
       pipeline.check_records(rows)

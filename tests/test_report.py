@@ -25,10 +25,11 @@ def _run(head, dataset, seed, srcc, status="done"):
 
 
 def _rows():
-  rows = [_run(h, d, s, v) for (h, d), vals in SRCC.items() for s, v in zip(SEEDS, vals)]
+  rows = [_run(h, d, s, v)
+          for (h, d), vals in SRCC.items() for s, v in zip(SEEDS, vals, strict=True)]
   rows += [{"kind": "cross", "train": "clive", "test": "koniq10k", "head": h, "seed": s,
             "model": "SigLIP2", "metrics": {"srcc": v, "plcc": v + 0.02}}
-           for h, vals in CROSS.items() for s, v in zip(SEEDS, vals)]
+           for h, vals in CROSS.items() for s, v in zip(SEEDS, vals, strict=True)]
   return rows
 
 

@@ -1,9 +1,10 @@
 """An embedded KADID-style demo set built from the photographs shipped inside scikit-image.
 
-Each reference photo gives its 40 most textured 64 px tiles (four zooms); each crop is degraded by four distortion types at
-five graded levels and saved in KADID-10k's layout (`images/I01_02_03_c1.png` = photo 1,
-distortion 2, level 3, crop 1; `dmos.csv` with dist_img, ref_img, dmos, var). ref_img names the
-photo, so a content split keeps all crops of a photo on one side.
+Each reference photo gives its 40 most textured 64 px tiles (four zooms); each crop is degraded
+by four distortion types at five graded levels and saved in KADID-10k's layout
+(`images/I01_02_03_c1.png` = photo 1, distortion 2, level 3, crop 1; `dmos.csv` with dist_img,
+ref_img, dmos, var). ref_img names the photo, so a content split keeps all crops of a photo on
+one side.
 Label: level 1 (mildest) .. 5 (strongest) -> dmos = 6 - level, i.e. 5, 4, 3, 2, 1 on KADID's
 1-5 scale; the adapter then normalises like KADID (App. B: (dmos - 1) / 4), so mos is
 1.0, 0.75, 0.5, 0.25, 0.0. Same level, same label, whatever the distortion type.
