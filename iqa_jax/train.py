@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, metrics, parallel
+from iqa_jax import checkpoint, features, metrics, parallel
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model
@@ -72,7 +72,7 @@ def gate_weights(params) -> dict[str, list[float]]:
 def load_data(config, workdir: Path):
   records = datasets.load_records(config.data)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
-                                            cache=config.data.cache or None)
+                                            cache=_cache(config))
   if skipped:
     _log(f"data: skipped {len(skipped)} unreadable or invalid inputs "
          f"(listed in {workdir / 'skipped.csv'})")
@@ -104,14 +104,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_size(optim.batch_size, optim.grad_accum, mesh)
   host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
 
-  model, params, preprocessing = create_model(config)
-  pp_str = pp.run_pp(config.data, preprocessing)
+  if config.data.get("features"):  # stored backbone features: the head trains alone
+    model, params, pp_str = features.head_only(config)
+  else:
+    model, params, preprocessing = create_model(config)
+    pp_str = pp.run_pp(config.data, preprocessing)
   _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
        f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
        + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
-  cache = config.data.cache or None
+  cache = _cache(config)
   loader_kw = dict(workers=config.data.workers, shard_index=jax.process_index(),
                    shard_count=jax.process_count(), cache=cache)
   steps_per_epoch = len(pipeline.make_train_loader(train_recs, pp_str, host_batch,
@@ -211,6 +214,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   ckpt.close()
   return results
+
+
+def _cache(config) -> str | None:
+  """The folder batches are read from: a feature cache, a prepare cache, or None (the files)."""
+  return config.data.get("features") or config.data.cache or None
 
 
 def write_predictions(path: Path, records, scores) -> None:

@@ -52,13 +52,13 @@ class CachedImages(Sequence):
   """Rows of a cache for the given paths, in their order; opens the memmap lazily per process."""
 
   def __init__(self, cache: str, paths: Sequence[str]):
-    self.file = str(Path(cache) / IMAGES)
     index_file = Path(cache) / INDEX
     if not index_file.is_file():
       raise ValueError(f"{cache} is not a prepare cache (no {INDEX}); build it with "
                        "python -m iqa_jax.data.prepare.")
     index = json.loads(index_file.read_text())
-    self.size = index["size"]
+    self.file = str(Path(cache) / index.get("array", IMAGES))  # a feature cache names its own
+    self.size = index.get("size")
     rows = {p: i for i, p in enumerate(index["paths"])}
     missing = [p for p in paths if p not in rows]
     if missing:
