@@ -15,7 +15,6 @@ Writes are resumable: a killed extraction continues after its last flushed batch
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -184,9 +183,9 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
       (folder / "taps").mkdir(exist_ok=True)
       arrays = [np.lib.format.open_memmap(folder / (n + ".partial"), mode="r+" if done else "w+",
                                           dtype=np.float32, shape=(len(records), o.shape[1]))
-                for n, o in zip(names, outs)]
+                for n, o in zip(names, outs, strict=True)]
     start = done + n_new
-    for a, o in zip(arrays, outs):
+    for a, o in zip(arrays, outs, strict=True):
       a[start:start + len(o)] = o
     n_new += len(outs[0])
     bar.update(len(outs[0]))
@@ -196,7 +195,7 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
       _write_json(folder / PROGRESS, {**want, "done": done + n_new})
   bar.close()
   dim = None
-  for n, a in zip([FEATURES] + [f"taps/{t}.npy" for t in taps], arrays or []):
+  for n, a in zip([FEATURES] + [f"taps/{t}.npy" for t in taps], arrays or [], strict=False):
     a.flush()
     dim = dim or a.shape[1]
     os.replace(folder / (n + ".partial"), folder / n)
