@@ -1,0 +1,79 @@
+"""Ablation options of the head (Table 4 masking, Table S3 dropout) and Table S5's MAC count."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_demo_config
+
+from iqa_jax import compute
+from iqa_jax.models.head import QualityHead, keep_top_percentile
+from iqa_jax.models.model import create_model
+
+
+@pytest.mark.parametrize("k", [90, 70, 50, 30, 10])
+def test_feature_mask_keeps_the_top_k_percent_by_magnitude_as_numpy(k):
+  f = np.random.RandomState(k).randn(6, 200).astype(np.float32)
+  threshold = np.percentile(np.abs(f), 100 - k, axis=-1, keepdims=True)
+  want = np.where(np.abs(f) >= threshold, f, 0)
+  got = np.asarray(keep_top_percentile(jnp.asarray(f), k))
+  np.testing.assert_array_equal(got, want)
+  assert ((got != 0).sum(-1) == 2 * k).all()  # 200 distinct magnitudes: exactly k% remain
+
+
+def test_masked_head_is_the_plain_head_on_masked_features():
+  f = np.random.RandomState(0).randn(4, 64).astype(np.float32)
+  head = QualityHead(acts=("sigmoid", "lrelu"), hidden=16, keep_percentile=30)
+  params = head.init(jax.random.PRNGKey(0), f)["params"]
+  plain = QualityHead(acts=("sigmoid", "lrelu"), hidden=16)
+  masked = np.where(np.abs(f) >= np.percentile(np.abs(f), 70, axis=-1, keepdims=True), f, 0)
+  np.testing.assert_allclose(head.apply({"params": params}, f)[0],
+                             plain.apply({"params": params}, masked)[0], rtol=1e-6, atol=1e-6)
+
+
+def _identity_head(**dropout):
+  """A head whose first two layers pass their input through (ReLU of identity on x > 0), so
+  out['hidden1'] is the input after input dropout and out['hidden2'] that after layer dropout."""
+  d = 512
+  head = QualityHead(acts=("relu", "relu"), hidden=d, **dropout)
+  x = jnp.asarray(np.random.RandomState(0).uniform(1, 2, (400, d)), jnp.float32)
+  params = jax.tree.map(np.asarray, head.init(jax.random.PRNGKey(0), x)["params"])
+  for fc in ("fc1", "fc2"):
+    params[fc] = {"kernel": np.eye(d, dtype=np.float32), "bias": np.zeros(d, np.float32)}
+  return head, params, np.asarray(x)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1])
+def test_dropout_keep_rates_and_scaling(keep):
+  head, params, x = _identity_head(input_dropout=1 - keep, head_dropout=1 - keep)
+  _, out = head.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  h1, h2 = np.asarray(out["hidden1"]), np.asarray(out["hidden2"])
+  # 204,800 draws each: binomial std of the kept fraction is at most 0.0011.
+  assert (h1 != 0).mean() == pytest.approx(keep, abs=0.005)
+  np.testing.assert_allclose(h1[h1 != 0], (x / keep)[h1 != 0], rtol=1e-6)  # inverted dropout
+  assert (h2 != 0).mean() == pytest.approx(keep * keep, abs=0.005)  # input and layer dropout
+  _, evaluation = head.apply({"params": params}, x, train=False)
+  np.testing.assert_array_equal(np.asarray(evaluation["hidden1"]), x)  # off at evaluation
+
+
+def test_config_fields_reach_the_head(tmp_path):
+  c = tiny_demo_config(tmp_path, **{"model.feature_keep_percentile": 30.0,
+                                    "model.input_dropout": 0.2, "model.head_dropout": 0.5})
+  model, _, _ = create_model(c)
+  assert (model.head.keep_percentile, model.head.input_dropout, model.head.head_dropout) == \
+      (30.0, 0.2, 0.5)
+
+
+def test_macs_of_a_tiny_tower_match_the_hand_count(tmp_path):
+  """SigLIP width D=32, MLP M=64, 1 layer, patch 8 on 32 px (T=16 tokens), gated head."""
+  D, M, T, P = 32, 64, 16, 8
+  patch = T * P * P * 3 * D                                  # 98,304
+  layer = T * (4 * D * D + 2 * D * M) + 2 * T * T * D        # q,k,v,o + MLP + QK^T, AV
+  pool = D * D + 2 * T * D * D + 2 * T * D + D * D + 2 * D * M  # MAP: q(probe), k,v, attn, o, MLP
+  head = D * 512 + 512 * 512 + 512
+  hand = patch + layer + pool + head
+  assert hand == 564_736
+  profile = compute.compute_profile(tiny_demo_config(tmp_path))
+  assert profile["gmacs_matmul"] * 1e9 == pytest.approx(hand, abs=0.5)
+  # XLA also counts the element-wise work (norms, GELU, softmax, gates): measured +5.2% here.
+  assert hand < profile["gmacs_xla"] * 1e9 < 1.07 * hand
+  assert profile["params_head"] == D * 512 + 512 + 512 * 512 + 512 + 512 + 1 + 2 * 5 * 512
