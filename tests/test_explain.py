@@ -77,7 +77,7 @@ def test_gradcam_runs_on_every_family_on_its_own_grid(family, tmp_path):
     c.data.image_size = 64
     x, grids = rs.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32), [(2, 2), (2, 2)]
   elif family == "siglip2_naflex":
-    c.model.backbone = "siglip2_naflex"
+    c.model.update(backbone="siglip2_naflex", variant="b/16")
     c.model.arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, patch_size=4, num_patches=16)
     x, grids = np.zeros((2, 21, 48), np.float32), [(4, 5), (3, 6)]
