@@ -15,6 +15,7 @@ Writes are resumable: a killed extraction continues after its last flushed batch
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -207,6 +208,22 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
   print(f"{len(records)} features (d={dim}, {len(skipped)} skipped) -> {folder / FEATURES} "
         f"({rate:.0f} img/s)")
   return folder
+
+
+def cache_for_frozen_run(config: ml_collections.ConfigDict, root: str | Path
+                         ) -> ml_collections.ConfigDict:
+  """A frozen run's config reading a feature cache under `root`, built on first use (the run
+  matrix's frozen runs: one backbone pass per dataset, not one per epoch). Others: unchanged."""
+  if config.model.get("finetune") != "frozen" or config.data.get("features"):
+    return config
+  data = config.data.to_dict()
+  key = json.dumps([fingerprint(config), data["name"], data["dir"], data.get("options")],
+                   sort_keys=True, default=str)
+  folder = Path(root) / f"{data['name']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+  extract_features(config, str(folder), progress=config.get("progress", True))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.features = str(folder)
+  return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
