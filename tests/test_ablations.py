@@ -77,3 +77,51 @@ def test_macs_of_a_tiny_tower_match_the_hand_count(tmp_path):
   # XLA also counts the element-wise work (norms, GELU, softmax, gates): measured +5.2% here.
   assert hand < profile["gmacs_xla"] * 1e9 < 1.07 * hand
   assert profile["params_head"] == D * 512 + 512 + 512 * 512 + 512 + 512 + 1 + 2 * 5 * 512
+
+
+def _fake_matrix(folder, runs):
+  """results.jsonl + each run's config.json, as iqa_jax.experiments writes them."""
+  import json
+  rows = []
+  for i, (dataset, head, model_fields, srcc, plcc) in enumerate(runs):
+    workdir = f"runs/{i}"
+    (folder / workdir).mkdir(parents=True)
+    (folder / workdir / "config.json").write_text(json.dumps({"model": model_fields}))
+    rows.append({"kind": "run", "dataset": dataset, "head": head, "seed": 8, "model": "SigLIP2",
+                 "backbone": "siglip", "status": "done", "workdir": workdir,
+                 "best": {"srcc": srcc, "plcc": plcc}})
+  (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return folder / "results.jsonl"
+
+
+def test_retention_tables_delta_is_the_group_mean_change_from_k100(tmp_path, capsys):
+  from iqa_jax import report
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  full = _fake_matrix(tmp_path / "a", [("kadid10k", "baseline", {}, .80, .82),
+                                       ("agiqa1k", "baseline", {}, .70, .74),
+                                       ("clive", "baseline", {}, .60, .66)])
+  masked = _fake_matrix(tmp_path / "b", [
+      ("kadid10k", "baseline", {"feature_keep_percentile": 50.0}, .75, .80),
+      ("agiqa1k", "baseline", {"feature_keep_percentile": 50.0}, .60, .70),
+      ("clive", "baseline", {"feature_keep_percentile": 50.0}, .61, .60),
+      ("clive", "baseline", {"input_dropout": 0.3}, .58, .65)])
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  md = capsys.readouterr().out
+  # k=50: Group 1 = mean of (.75-.80, .60-.70) = -.075 SRCC, mean of (-.02, -.04) = -.03 PLCC.
+  assert "| MLP-LReLU (Masking) | 50 | .750 | .800 | .600 | .700 | -.075 | -.030 | .610 | .600 " \
+         "| .010 | -.060 |" in md
+  assert report.main([str(full), str(masked), "--table", "S3"]) == 0
+  md = capsys.readouterr().out
+  assert "| MLP-LReLU w/ Input Dropout | 70 |" in md and "| -.020 | -.010 |" in md
+
+
+def test_table5_labels_published_rows_and_adds_ours(tmp_path, capsys):
+  from iqa_jax import analyses, report
+  results = _fake_matrix(tmp_path, [("clive", "sigmoid", {}, .901, .925)])
+  assert report.main([str(results), "--table", "5"]) == 0
+  md = capsys.readouterr().out
+  assert "| LGDM [27] [diffusion] | published (paper Table 5) | .908 | .940 | .967 |" in md
+  assert "| B_Sig (SigLIP2) | this rerun, seeds [8] | .901 | .925 | — |" in md
+  published = {name: v for _, name, v in analyses.published_table5()}
+  assert len(published) == 20 and published["B_Gated (paper)"][-2:] == [.862, .891]

@@ -89,3 +89,14 @@ def test_wrong_cache_or_finetune_stops_with_the_field_named(frozen_runs, tiny_de
   with pytest.raises(ValueError, match="already holds a feature cache"):
     features.extract_features(other_seed, str(feats), progress=False)
   assert (feats / "features.npy").read_bytes() == before
+
+
+def test_matrix_hook_points_frozen_runs_at_a_cache(frozen_runs, tiny_demo_dir, tmp_path):
+  _, _, feats, _ = frozen_runs
+  frozen = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen"})
+  hooked = features.cache_for_frozen_run(frozen, tmp_path / "features")
+  assert hooked.data.features.startswith(str(tmp_path / "features" / "demo-"))
+  np.testing.assert_allclose(np.load(f"{hooked.data.features}/features.npy"),
+                             np.load(feats / "features.npy"), atol=2e-6)
+  full = tiny_demo_config(tiny_demo_dir)
+  assert features.cache_for_frozen_run(full, tmp_path / "features") is full
