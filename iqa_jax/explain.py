@@ -199,11 +199,23 @@ STAGES = (("feature", "encoder"), ("hidden1", "head layer 1"), ("hidden2", "head
 
 def run_embeddings(workdir: str, per_split: int = 400, seed: int = 0) -> dict:
   """{split: {stage: features (n, d)}, split + '_mos': mos} for a run's held-out and train sets."""
-  from iqa_jax.data import datasets, pipeline
-  from iqa_jax.score import load_run
-  config, score_fn, params, pp_str = load_run(workdir, "best")
+  import ml_collections
+
+  from iqa_jax import checkpoint, features
+  from iqa_jax.data import datasets, pipeline, pp
   from iqa_jax.models.model import create_model
-  model, _, _ = create_model(config)
+  cfg_file = Path(workdir) / "config.json"
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"{cfg_file} not found: --workdir must be a run folder made by "
+                            "python -m iqa_jax.train")
+  config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  if config.data.get("features"):  # a head trained on a feature cache: read its features there
+    model, params, pp_str = features.head_only(config)
+    cache = config.data.features
+  else:
+    model, params, prep = create_model(config)
+    pp_str, cache = pp.run_pp(config.data, prep), config.data.get("cache") or None
+  params = checkpoint.unflatten_into(params, checkpoint.load_params(workdir, "best")[0])
   splits = datasets.load_splits(workdir)
   held = "test" if splits.get("test") else "val"
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[1])
@@ -214,8 +226,7 @@ def run_embeddings(workdir: str, per_split: int = 400, seed: int = 0) -> dict:
     if len(recs) > per_split:
       recs = [recs[i] for i in sorted(rng.choice(len(recs), per_split, replace=False))]
     stages = {s: [] for s, _ in STAGES}
-    for batch in pipeline.make_eval_loader(recs, pp_str, config.eval_batch_size,
-                                           cache=config.data.get("cache") or None):
+    for batch in pipeline.make_eval_loader(recs, pp_str, config.eval_batch_size, cache=cache):
       out = forward(params, batch["image"])
       valid = np.asarray(batch["valid"])
       for s, _ in STAGES:
