@@ -187,9 +187,13 @@ def tsne_panel(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple
   """-> (2-D t-SNE embedding (scikit-learn, PCA init), silhouette score of it by label)."""
   from sklearn.manifold import TSNE
   from sklearn.metrics import silhouette_score
+  from threadpoolctl import threadpool_limits
   features = np.asarray(features, np.float64)
   perplexity = min(30.0, (len(features) - 1) / 3)
-  emb = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+  # One OpenMP thread: a few hundred points need no more, and spinning threads on a busy
+  # machine made a 2 s embedding take minutes.
+  with threadpool_limits(1):
+    emb = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
   score = silhouette_score(emb, labels) if len(set(labels.tolist())) > 1 else math.nan
   return emb, float(score)
 
