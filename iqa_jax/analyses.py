@@ -202,39 +202,52 @@ def compute_table(rows: list[dict]) -> report.Table:
                       columns, body, digits=4)
 
 
-def sweep_figure(rows: list[dict], figure: str, path: str | Path) -> Path:
-  """Figure S4 (best SRCC / PLCC vs LoRA rank) or S5 (vs Perception Encoder tap layer):
-  mean over seeds with the standard deviation as error bars, one line per dataset and head."""
-  field = {"S4": ("lora", "LoRA rank"), "S5": ("tap_layer", "Perception Encoder layer")}[figure]
+SWEEP_AXIS = {"S4": "LoRA rank", "S5": "Perception Encoder layer"}
 
-  def x_of(r):
-    if figure == "S4":
-      if _model_field(r, "finetune", "lora") != "lora":
-        return None
-      return int(_model_field(r, "lora", {}).get("rank", 4))
-    return None if r.get("backbone") != "pe" else int(_model_field(r, "tap_layer", 20))
 
-  fig = Figure(figsize=(10, 4), layout="constrained")
-  axes = fig.subplots(1, 2)
-  drawn = 0
+def sweep_x(row: dict, figure: str) -> int | None:
+  """A run's place on Figure S4's axis (LoRA rank; LoRA runs only) or S5's (PE tap layer)."""
+  if figure == "S4":
+    if _model_field(row, "finetune", "lora") != "lora":
+      return None
+    return int(_model_field(row, "lora", {}).get("rank", 4))
+  return None if row.get("backbone") != "pe" else int(_model_field(row, "tap_layer", 20))
+
+
+def sweep_points(rows: list[dict], figure: str) -> dict:
+  """{(dataset, head, metric): [(x, mean best value over seeds, std ddof=1 or 0, seeds)]}."""
+  points = {}
   for dataset in report._ordered(r["dataset"] for r in rows):
     for head in report.sorted_heads(r["head"] for r in rows):
       mine = [r for r in rows if r["dataset"] == dataset and r["head"] == head
-              and x_of(r) is not None]
-      xs = sorted({x_of(r) for r in mine})
-      if not xs:
-        continue
-      drawn += 1
-      for ax, m in zip(axes, ("srcc", "plcc"), strict=True):
-        vals = [[report.run_value(r, "best", m) for r in mine if x_of(r) == x] for x in xs]
-        ax.errorbar(xs, [np.mean(v) for v in vals],
-                    yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                    marker="o", capsize=3, label=f"{dataset} {HEAD_NAME.get(head, head)}")
-  if not drawn:
-    raise ValueError(f"no runs with a {field[1]} setting in these results (Figure {figure} needs "
-                     + ("LoRA runs" if figure == "S4" else "backbone=pe runs") + ")")
-  for ax, m in zip(axes, ("SRCC", "PLCC"), strict=True):
-    ax.set(xlabel=field[1], ylabel=f"best validation {m}", title=f"{m} vs {field[1]}")
+              and sweep_x(r, figure) is not None]
+      for m in ("srcc", "plcc"):
+        line = []
+        for x in sorted({sweep_x(r, figure) for r in mine}):
+          v = [report.run_value(r, "best", m) for r in mine if sweep_x(r, figure) == x]
+          line.append((x, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                       len(v)))
+        if line:
+          points[(dataset, head, m)] = line
+  if not points:
+    raise ValueError(f"no runs with a {SWEEP_AXIS[figure]} setting in these results (Figure "
+                     f"{figure} needs " + ("LoRA runs)" if figure == "S4" else "backbone=pe runs)"))
+  return points
+
+
+def sweep_figure(rows: list[dict], figure: str, path: str | Path) -> Path:
+  """Figure S4 (best SRCC / PLCC vs LoRA rank) or S5 (vs Perception Encoder tap layer):
+  mean over seeds with the standard deviation as error bars, one line per dataset and head."""
+  points = sweep_points(rows, figure)
+  fig = Figure(figsize=(10, 4), layout="constrained")
+  axes = dict(zip(("srcc", "plcc"), fig.subplots(1, 2), strict=True))
+  for (dataset, head, m), line in points.items():
+    xs, means, stds, _ = zip(*line, strict=True)
+    axes[m].errorbar(xs, means, yerr=stds, marker="o", capsize=3,
+                     label=f"{dataset} {HEAD_NAME.get(head, head)}")
+  for m, ax in axes.items():
+    ax.set(xlabel=SWEEP_AXIS[figure], ylabel=f"best validation {m.upper()}",
+           title=f"{m.upper()} vs {SWEEP_AXIS[figure]}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
   fig.suptitle({"S4": "Figure S4: LoRA rank ablation",

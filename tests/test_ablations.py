@@ -127,3 +127,26 @@ def test_table5_labels_published_rows_and_adds_ours(tmp_path, capsys):
   assert "| B_Sig (SigLIP2) | this rerun, seeds [8] | .901 | .925 | — |" in md
   published = {name: v for _, name, v in analyses.published_table5()}
   assert len(published) == 20 and published["B_Gated (paper)"][-2:] == [.862, .891]
+
+
+def test_sweep_points_average_seeds_per_lora_rank(tmp_path):
+  import json
+
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .80, .85),
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .84, .87),
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 8}}, .90, .91),
+      ("clive", "gated", {"finetune": "frozen"}, .50, .50)])  # not on the LoRA-rank axis
+  rows = [json.loads(line) for line in results.read_text().splitlines()]
+  for i, r in enumerate(rows):  # two runs of rank 2 are two seeds
+    r["seed"] = 8 + i
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  points = analyses.sweep_points(analyses.load_runs([results]), "S4")
+  (x2, mean2, std2, n2), (x8, mean8, std8, n8) = points[("clive", "gated", "srcc")]
+  assert (x2, n2, x8, n8, mean8, std8) == (2, 2, 8, 1, .90, 0.0)
+  assert mean2 == pytest.approx(.82) and std2 == pytest.approx(np.std([.80, .84], ddof=1))
+  png = analyses.sweep_figure(analyses.load_runs([results]), "S4", tmp_path / "s4.png")
+  assert png.stat().st_size > 0
+  with pytest.raises(ValueError, match="backbone=pe"):
+    analyses.sweep_points(analyses.load_runs([results]), "S5")
