@@ -150,3 +150,14 @@ def test_sweep_points_average_seeds_per_lora_rank(tmp_path):
   assert png.stat().st_size > 0
   with pytest.raises(ValueError, match="backbone=pe"):
     analyses.sweep_points(analyses.load_runs([results]), "S5")
+
+
+def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(tmp_path):
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [("clive", "baseline", {"finetune": "frozen"}, .80, .86),
+                                    ("clive", "baseline", {"finetune": "lora"}, .85, .84),
+                                    ("clive", "baseline", {"finetune": "full"}, .90, .92)])
+  t = analyses.make_analysis_table([results], "S1")
+  assert [r[1:] for r in t.rows] == [["Frozen", .80, .86], ["LoRA (r=4)", .85, .84],
+                                     ["Full FT", .90, .92]]
+  assert t.bold == {(1, 2), (0, 3)}  # full FT is shown but not in the frozen-vs-LoRA bolding
