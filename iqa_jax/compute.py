@@ -31,7 +31,7 @@ def _conv_macs(eqn) -> int:
   rhs = eqn.invars[1].aval.shape  # kernel: output features x (input features / groups) x window
   dn = eqn.params["dimension_numbers"]
   out_features = rhs[dn.rhs_spec[0]]
-  return math.prod(out) // 1 * math.prod(rhs) // out_features
+  return math.prod(out) * (math.prod(rhs) // out_features)
 
 
 def matmul_macs(fn, *args) -> int:
