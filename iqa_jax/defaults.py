@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # auto (cuDNN flash on GPU) | xla | cudnn
   c.model.param_dtype = "float32"  # frozen backbone weights stored in this dtype (bfloat16: half)
 
+  # Analyses (Table 4, Table S3; docs: README "Analyses"). Defaults leave the paper's head as is.
+  c.model.feature_keep_percentile = 100.0  # keep the top k% of |feature| per image (Table 4)
+  c.model.input_dropout = 0.0  # dropout rate 1 - k on the backbone feature (Table S3)
+  c.model.head_dropout = 0.0  # dropout rate 1 - k after each hidden activation (Table S3)
+
   c.data = ml_collections.ConfigDict()
   c.data.name = "koniq10k"
   c.data.dir = ""
@@ -40,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   # of python -m iqa_jax.data.tfds_build; tfds_dir "" is $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.data.source = "files"  # files | tfds
   c.data.tfds_dir = ""
+  c.data.features = ""  # a feature cache (python -m iqa_jax.features): train the head alone
   # Adapter options; each adapter ignores those it does not use (docs/datasets.md).
   c.data.options = ml_collections.ConfigDict({
       "resolution": "1024x768",  # KonIQ-10k: 1024x768 or 512x384

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 from jax.experimental.compilation_cache import compilation_cache
 
-from iqa_jax import run_folder, train
+from iqa_jax import features, run_folder, train
 from iqa_jax.data import datasets
 from iqa_jax.defaults import flag_error
 from iqa_jax.models.head import resolve_head
@@ -283,6 +283,7 @@ def _run_one(base, dataset: DatasetSpec, head: str, seed: int, out: Path, pairs,
   """One cell of the matrix: train (or skip), its cross pairs, its plots, the results store."""
   config = run_config(base, dataset, head, seed,
                       data_dir_for(dataset, base, data_dirs, data_root))
+  config = features.cache_for_frozen_run(config, out / "features")  # frozen: heads on a cache
   workdir = run_dir(out, dataset, head, seed)
   labels = {"dataset": dataset.label, "data_name": dataset.name, "head": head, "seed": seed,
             "model": model_label(base), "backbone": base.model.backbone,

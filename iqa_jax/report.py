@@ -259,23 +259,34 @@ def write_tables(rows: list[dict], out_dir: str | Path, which: str = "best") -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from iqa_jax import analyses  # pylint: disable=g-import-not-at-top  (it builds on this module)
   ap = argparse.ArgumentParser(prog="python -m iqa_jax.report", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("results", help="results.jsonl written by iqa_jax.experiments (or its folder)")
-  ap.add_argument("--table", default="1", choices=TABLES)
+  ap.add_argument("results", nargs="+", help="results.jsonl written by iqa_jax.experiments (or "
+                  "its folder); several for the ablation tables (one matrix per setting)")
+  ap.add_argument("--table", default="1", choices=TABLES + analyses.ANALYSIS_TABLES)
+  ap.add_argument("--figure", default=None, choices=analyses.FIGURES,
+                  help="Figure S4 (LoRA rank) or S5 (PE layer) as a PNG instead of a table")
   ap.add_argument("--which", default="best", choices=("best", "final", "test"),
                   help="best epoch (the paper's 'mean best SRCC'), final epoch or test split")
   ap.add_argument("--csv", default=None, help="CSV path (default: tables/table<ID>.csv beside "
                   "the results)")
   a = ap.parse_args(argv)
+  folder = Path(a.results[0]) if Path(a.results[0]).is_dir() else Path(a.results[0]).parent
   try:
-    rows = load_rows(a.results)
-  except FileNotFoundError as e:
+    if a.figure or a.table in analyses.ANALYSIS_TABLES:  # tables read each run's config.json
+      if a.figure:
+        path = analyses.sweep_figure(analyses.load_runs(a.results), a.figure,
+                                     folder / "tables" / f"figure{a.figure}.png")
+        print(f"png: {path}")
+        return 0
+      t = analyses.make_analysis_table(a.results, a.table)
+    else:
+      t = make_table([row for r in a.results for row in load_rows(r)], a.table, a.which)
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  t = make_table(rows, a.table, a.which)
   print(to_markdown(t))
-  folder = Path(a.results) if Path(a.results).is_dir() else Path(a.results).parent
   suffix = "" if a.which == "best" else f"_{a.which}"
   path = write_csv(t, a.csv or folder / "tables" / f"table{a.table}{suffix}.csv")
   print(f"csv: {path}")

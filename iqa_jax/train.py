@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, metrics, parallel, run_folder
+from iqa_jax import checkpoint, features, metrics, parallel, run_folder
 from iqa_jax.data import datasets, pipeline, pp, tfds_source
 from iqa_jax.defaults import flag_error
 from iqa_jax.models.lora import count_by_label
@@ -66,7 +66,7 @@ def load_data(config) -> tuple[dict, list]:
   """-> (splits {'train', 'val'[, 'test']}, skipped [(path, reason)]) of config.data."""
   records = datasets.load_records(config.data)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
-                                            cache=config.data.cache or None,
+                                            cache=_cache(config),
                                             tfds=tfds_source.build_dir(config.data))
   splits = datasets.make_splits(records, config.seed, split=config.data.split,
                                 val_fraction=config.data.val_fraction,
@@ -192,13 +192,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
   # Each process takes len // process_count records and drops the last partial batch.
   steps_per_epoch = len(train_recs) // jax.process_count() // host_batch
-  cache, tfds = config.data.cache or None, tfds_source.build_dir(config.data)
+  cache, tfds = _cache(config), tfds_source.build_dir(config.data)
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
        + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
   # Model.
-  model, params, preprocessing = create_model(config)
-  pp_str = pp.run_pp(config.data, preprocessing)
+  if config.data.get("features"):  # stored backbone features: the head trains alone
+    model, params, pp_str = features.head_only(config)
+  else:
+    model, params, preprocessing = create_model(config)
+    pp_str = pp.run_pp(config.data, preprocessing)
   _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
        f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
 
@@ -275,6 +278,11 @@ def summarize(config, progress: Progress, splits: dict, n_skipped: int) -> dict:
         f"constant score (App. B: the sigmoid head can collapse); no ckpt/best was saved. Try "
         f"the gated head or a lower --config.optim.lr.")
   return results
+
+
+def _cache(config) -> str | None:
+  """The folder batches are read from: a feature cache, a prepare cache, or None (the files)."""
+  return config.data.get("features") or config.data.cache or None
 
 
 def write_predictions(path: Path, records, scores) -> None:

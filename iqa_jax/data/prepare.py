@@ -162,9 +162,13 @@ class CachedImages(Sequence):
   """Rows of a cache for the given paths, in their order; opens the memmap lazily per process."""
 
   def __init__(self, cache: str, paths: Sequence[str], pp_str: str):
-    self.file = str(Path(cache) / IMAGES)
-    index = check_cache(cache, pp_str)
-    self.size = index["size"]
+    index_file = Path(cache) / INDEX
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    if index.get("kind") == "features":  # python -m iqa_jax.features: rows are feature vectors
+      self.file, self.size = str(Path(cache) / index["array"]), None
+    else:
+      index = check_cache(cache, pp_str)
+      self.file, self.size = str(Path(cache) / IMAGES), index["size"]
     rows = {p: i for i, p in enumerate(index["paths"])}
     missing = [p for p in paths if p not in rows]
     if missing:

@@ -69,20 +69,42 @@ def resolve_head(head: str | Sequence[str]) -> tuple[str, str]:
   return acts  # type: ignore[return-value]
 
 
+def keep_top_percentile(feature, k: float):
+  """Table 4 masking: per image, zero the features whose |f| is below the (100 - k)th percentile
+  of that image's |f| (numpy's linear percentile), so the top k% by magnitude remain."""
+  if k >= 100:
+    return feature
+  magnitude = jnp.abs(feature)
+  threshold = jnp.percentile(magnitude, 100.0 - k, axis=-1, keepdims=True)
+  return jnp.where(magnitude >= threshold, feature, 0.0)
+
+
 class QualityHead(nn.Module):
-  """The paper's three-layer MLP regressor, computed in float32."""
+  """The paper's three-layer MLP regressor, computed in float32.
+
+  Ablations (all off by default): keep_percentile < 100 masks the feature by magnitude (Table 4);
+  input_dropout / head_dropout are dropout rates 1 - k on the feature and after each hidden
+  activation (Table S3, k the keep probability); dropout runs only when train=True.
+  """
   acts: tuple[str, str] = NAMED_HEADS["gated"]
   hidden: int = 512
+  keep_percentile: float = 100.0
+  input_dropout: float = 0.0
+  head_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, feature):
+  def __call__(self, feature, train: bool = False):
     out = {}
     x = feature.astype(jnp.float32)
+    x = keep_top_percentile(x, self.keep_percentile)
+    x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
     x = nn.Dense(self.hidden, name="fc1")(x)
     x = activation(self.acts[0], "act1")(x)
     out["hidden1"] = x
+    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
     x = nn.Dense(self.hidden, name="fc2")(x)
     x = activation(self.acts[1], "act2")(x)
     out["hidden2"] = x
+    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
     score = nn.Dense(1, name="fc3")(x)[..., 0]
     return score, out

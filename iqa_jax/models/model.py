@@ -74,17 +74,25 @@ class IQAModel(nn.Module):
     feature, out = self.backbone(images, train=train)
     out = dict(out)
     out["feature"] = feature
-    score, head_out = self.head(feature)
+    score, head_out = self.head(feature, train=train)
     out.update(head_out)
     return score, out
+
+
+def head_from_config(model_config: ml_collections.ConfigDict) -> QualityHead:
+  """config.model -> the quality head, with the Table 4 / S3 ablation fields when set."""
+  return QualityHead(acts=resolve_head(model_config.head),
+                     hidden=model_config.get("head_hidden", 512),
+                     keep_percentile=float(model_config.get("feature_keep_percentile", 100.0)),
+                     input_dropout=float(model_config.get("input_dropout", 0.0)),
+                     head_dropout=float(model_config.get("head_dropout", 0.0)))
 
 
 def create_model(config: ml_collections.ConfigDict, rng=None):
   """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights in."""
   bb = build_backbone(config.model)
   model = IQAModel(backbone=bb.module,
-                   head=QualityHead(acts=resolve_head(config.model.head),
-                                    hidden=config.model.get("head_hidden", 512)),
+                   head=head_from_config(config.model),
                    mean=tuple(bb.preprocessing["mean"]), std=tuple(bb.preprocessing["std"]))
   size = bb.preprocessing["crop"] or bb.preprocessing["size"]
   size = config.data.get("image_size") or size

@@ -1,0 +1,257 @@
+"""A feature cache: run a backbone once, then train heads on its features in seconds.
+
+  python -m iqa_jax.features --config configs/demo.py --out FEATS [--workdir RUN] [--taps encoded]
+  python -m iqa_jax.train --config configs/demo.py --config.model.finetune=frozen \
+      --config.data.features=FEATS --workdir runs/frozen_from_cache
+
+A frozen backbone computes the same feature for an image in every epoch, so a frozen run spends
+almost all its time recomputing it. The cache stores one float32 row per record: FEATS/
+features.npy (N, d) and index.json (the image paths in row order, the backbone's fingerprint).
+It has the prepare cache's layout, so the training pipeline reads it unchanged (shuffle, batch,
+shards); the model is then the head alone (`FeatureHeadModel`). With --workdir the backbone is a
+trained run's (LoRA-adapted or fully fine-tuned). Taps (--taps NAME,...) store more of the
+backbone's intermediates, token- or space-averaged to one vector per image, in taps/NAME.npy.
+Writes are resumable: a killed extraction continues after its last flushed batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.models.head import QualityHead
+from iqa_jax.models.model import create_model, head_from_config
+
+FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
+# Fields of config.model / config.data that decide the feature an image gets.
+MODEL_KEYS = ("backbone", "init", "variant", "arch", "dtype", "param_dtype")
+DATA_KEYS = ("image_size", "pp", "normalize_on_device")
+
+
+class FeatureHeadModel(nn.Module):
+  """Stored feature -> (score, out): IQAModel with the backbone's work already done.
+
+  The submodule is named 'head' as in IQAModel, so the same seed initialises the same head."""
+  head: QualityHead
+
+  def __call__(self, feature, train: bool = False):
+    score, out = self.head(feature, train=train)
+    return score, {"feature": feature, **out}
+
+
+def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None) -> dict:
+  """What makes two feature caches interchangeable; a random-init backbone depends on the seed."""
+  model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
+  fp = {f"model.{k}": model.get(k) for k in MODEL_KEYS}
+  fp.update({f"data.{k}": data.get(k) for k in DATA_KEYS})
+  if not model.get("init") and not source_run:
+    fp["seed"] = int(config.seed)
+  fp["source_run"] = source_run
+  return json.loads(json.dumps(fp))  # tuples -> lists, as index.json reads back
+
+
+def read_index(folder: str | Path) -> dict:
+  path = Path(folder) / INDEX
+  if not path.is_file():
+    raise FileNotFoundError(f"{folder} is not a feature cache (no {INDEX}); build it with "
+                            "python -m iqa_jax.features --config CFG --out FOLDER.")
+  index = json.loads(path.read_text())
+  if index.get("kind") != "features":
+    raise ValueError(f"{folder} is a prepare (image) cache, not a feature cache: pass it as "
+                     "--config.data.cache, or build features with python -m iqa_jax.features.")
+  return index
+
+
+def _mismatch(stored: dict, wanted: dict) -> str | None:
+  for k in sorted(set(stored) | set(wanted)):
+    if stored.get(k) != wanted.get(k):
+      return f"{k} is {stored.get(k)!r} in the cache but {wanted.get(k)!r} here"
+  return None
+
+
+def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict, str]:
+  """config with data.features -> (head-only model, params {'head'}, pp string '').
+
+  The head's init equals create_model's for the same seed (same module path, same key)."""
+  folder = config.data.features
+  if config.model.finetune != "frozen":
+    raise ValueError(f"--config.data.features={folder} trains the head on stored backbone "
+                     "features: set --config.model.finetune=frozen (or drop data.features).")
+  index = read_index(folder)
+  if index["fingerprint"].get("source_run") is None:  # else the run's own backbone made it
+    problem = _mismatch(index["fingerprint"], fingerprint(config))
+    if problem:
+      raise ValueError(f"--config.data.features={folder} was built for another backbone: "
+                       f"{problem}. Rebuild it with python -m iqa_jax.features for this config.")
+  model = FeatureHeadModel(head=head_from_config(config.model))
+  dummy = jnp.zeros((1, index["dim"]), jnp.float32)
+  rng = jax.random.PRNGKey(config.seed)
+  params = jax.jit(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"])(rng)
+  return model, jax.tree.map(lambda x: x, dict(params)), ""
+
+
+def _as_vector(x: jax.Array) -> jax.Array:
+  """A tap -> one vector per image: tokens (B, T, D) and maps (B, H, W, C) are averaged."""
+  x = x.astype(jnp.float32)
+  return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+
+
+def _load_backbone(config, workdir: str | None):
+  """-> (config, model, params, preprocessing): a run's trained weights when workdir is given."""
+  if workdir is None:
+    model, params, preprocessing = create_model(config)
+    return config, model, params, preprocessing
+  from iqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  cfg_file = Path(workdir) / "config.json"
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"{cfg_file} not found: --workdir must be a run folder made by "
+                            "python -m iqa_jax.train.")
+  run = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  run.data = config.data  # the run's backbone over the dataset this config names
+  model, params, preprocessing = create_model(run)
+  flat, _ = checkpoint.load_params(workdir, "best")
+  return run, model, checkpoint.unflatten_into(params, flat), preprocessing
+
+
+def _write_json(path: Path, obj) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(obj))
+  os.replace(tmp, path)
+
+
+def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: str | None = None,
+                     taps: Sequence[str] = (), batch_size: int = 32, flush_every: int = 20,
+                     progress: bool = True) -> Path:
+  """Writes the feature cache `out` for every (checked) record of config.data; returns it.
+
+  A finished cache of the same fingerprint, records and taps is left as is; a partial one is
+  continued; a cache of anything else stops with an error rather than being overwritten."""
+  from iqa_jax.train import _progress  # pylint: disable=g-import-not-at-top
+  folder = Path(out)
+  source = str(Path(workdir).absolute()) if workdir else None
+  config, model, params, preprocessing = _load_backbone(config, workdir)
+  records, skipped = pipeline.check_records(datasets.load_records(config.data),
+                                            on_error=config.data.on_error,
+                                            cache=config.data.cache or None)
+  pp_str = pp.run_pp(config.data, preprocessing)
+  want = {"kind": "features", "array": FEATURES, "fingerprint": fingerprint(config, source),
+          "pp": pp_str, "taps": list(taps), "paths": [r.path for r in records],
+          "mos": [float(r.mos) for r in records], "dataset": config.data.name}
+  for name in (INDEX, PROGRESS):
+    if (folder / name).is_file():
+      held = json.loads((folder / name).read_text())
+      held_want = {k: held.get(k) for k in want}
+      if held_want != want:
+        problem = _mismatch({k: held.get(k) for k in want if k != "paths"},
+                            {k: v for k, v in want.items() if k != "paths"}) or "other images"
+        raise ValueError(f"{folder} already holds a feature cache of something else ({problem}); "
+                         "choose another --out or delete that folder.")
+      if name == INDEX:
+        print(f"{folder}: up to date ({len(records)} features)")
+        return folder
+  folder.mkdir(parents=True, exist_ok=True)
+  done = json.loads((folder / PROGRESS).read_text())["done"] if (folder / PROGRESS).is_file() else 0
+
+  @jax.jit
+  def forward(params, images):
+    _, out_ = model.apply({"params": params}, images, train=False)
+    for t in taps:
+      if t not in out_:
+        raise ValueError(f"--taps {t}: the backbone's intermediates are {sorted(out_)}")
+    return [_as_vector(out_["feature"])] + [_as_vector(out_[t]) for t in taps]
+
+  loader = pipeline.make_eval_loader(records[done:], pp_str, batch_size,
+                                     workers=config.data.workers, cache=config.data.cache or None)
+  arrays, t0, n_new = None, time.time(), 0
+  bar = _progress(len(records), "features", progress)
+  bar.update(done)
+  for i, batch in enumerate(loader):
+    outs = [np.asarray(o)[np.asarray(batch["valid"])] for o in forward(params, batch["image"])]
+    if arrays is None:
+      names = [FEATURES] + [f"taps/{t}.npy" for t in taps]
+      (folder / "taps").mkdir(exist_ok=True)
+      arrays = [np.lib.format.open_memmap(folder / (n + ".partial"), mode="r+" if done else "w+",
+                                          dtype=np.float32, shape=(len(records), o.shape[1]))
+                for n, o in zip(names, outs, strict=True)]
+    start = done + n_new
+    for a, o in zip(arrays, outs, strict=True):
+      a[start:start + len(o)] = o
+    n_new += len(outs[0])
+    bar.update(len(outs[0]))
+    if (i + 1) % flush_every == 0:  # rows before `done` are on disk: a rerun starts after them
+      for a in arrays:
+        a.flush()
+      _write_json(folder / PROGRESS, {**want, "done": done + n_new})
+  bar.close()
+  dim = None
+  for n, a in zip([FEATURES] + [f"taps/{t}.npy" for t in taps], arrays or [], strict=False):
+    a.flush()
+    dim = dim or a.shape[1]
+    os.replace(folder / (n + ".partial"), folder / n)
+  if dim is None:  # nothing left to compute: the rows are already complete
+    dim = np.load(folder / FEATURES, mmap_mode="r").shape[1]
+  _write_json(folder / INDEX, {**want, "dim": int(dim), "n_skipped": len(skipped)})
+  (folder / PROGRESS).unlink(missing_ok=True)
+  rate = n_new / max(time.time() - t0, 1e-9)
+  print(f"{len(records)} features (d={dim}, {len(skipped)} skipped) -> {folder / FEATURES} "
+        f"({rate:.0f} img/s)")
+  return folder
+
+
+def cache_for_frozen_run(config: ml_collections.ConfigDict, root: str | Path
+                         ) -> ml_collections.ConfigDict:
+  """A frozen run's config reading a feature cache under `root`, built on first use (the run
+  matrix's frozen runs: one backbone pass per dataset, not one per epoch). Others: unchanged."""
+  if config.model.get("finetune") != "frozen" or config.data.get("features"):
+    return config
+  data = config.data.to_dict()
+  key = json.dumps([fingerprint(config), data["name"], data["dir"], data.get("options")],
+                   sort_keys=True, default=str)
+  folder = Path(root) / f"{data['name']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+  extract_features(config, str(folder), progress=config.get("progress", True))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.features = str(folder)
+  return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("out", None, "Folder of the feature cache.")
+  flags.DEFINE_string("workdir", None, "A trained run whose backbone (LoRA / full) to use.")
+  flags.DEFINE_list("taps", [], "Backbone intermediates to store too, e.g. encoded,layer_20.")
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+  config_flags.DEFINE_config_file("config", None, "Config file (its model and data).",
+                                  lock_config=False)
+
+  def _main(_):
+    f = flags.FLAGS
+    if f.config is None or not f.out:
+      print("error: pass --config configs/<file>.py and --out FOLDER", file=sys.stderr)
+      sys.exit(2)
+    try:
+      extract_features(f.config, f.out, workdir=f.workdir, taps=f.taps, batch_size=f.batch_size,
+                       progress=f.config.get("progress", True))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()

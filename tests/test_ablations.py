@@ -1,0 +1,163 @@
+"""Ablation options of the head (Table 4 masking, Table S3 dropout) and Table S5's MAC count."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_demo_config
+
+from iqa_jax import compute
+from iqa_jax.models.head import QualityHead, keep_top_percentile
+from iqa_jax.models.model import create_model
+
+
+@pytest.mark.parametrize("k", [90, 70, 50, 30, 10])
+def test_feature_mask_keeps_the_top_k_percent_by_magnitude_as_numpy(k):
+  f = np.random.RandomState(k).randn(6, 200).astype(np.float32)
+  threshold = np.percentile(np.abs(f), 100 - k, axis=-1, keepdims=True)
+  want = np.where(np.abs(f) >= threshold, f, 0)
+  got = np.asarray(keep_top_percentile(jnp.asarray(f), k))
+  np.testing.assert_array_equal(got, want)
+  assert ((got != 0).sum(-1) == 2 * k).all()  # 200 distinct magnitudes: exactly k% remain
+
+
+def test_masked_head_is_the_plain_head_on_masked_features():
+  f = np.random.RandomState(0).randn(4, 64).astype(np.float32)
+  head = QualityHead(acts=("sigmoid", "lrelu"), hidden=16, keep_percentile=30)
+  params = head.init(jax.random.PRNGKey(0), f)["params"]
+  plain = QualityHead(acts=("sigmoid", "lrelu"), hidden=16)
+  masked = np.where(np.abs(f) >= np.percentile(np.abs(f), 70, axis=-1, keepdims=True), f, 0)
+  np.testing.assert_allclose(head.apply({"params": params}, f)[0],
+                             plain.apply({"params": params}, masked)[0], rtol=1e-6, atol=1e-6)
+
+
+def _identity_head(**dropout):
+  """A head whose first two layers pass their input through (ReLU of identity on x > 0), so
+  out['hidden1'] is the input after input dropout and out['hidden2'] that after layer dropout."""
+  d = 512
+  head = QualityHead(acts=("relu", "relu"), hidden=d, **dropout)
+  x = jnp.asarray(np.random.RandomState(0).uniform(1, 2, (400, d)), jnp.float32)
+  params = jax.tree.map(np.asarray, head.init(jax.random.PRNGKey(0), x)["params"])
+  for fc in ("fc1", "fc2"):
+    params[fc] = {"kernel": np.eye(d, dtype=np.float32), "bias": np.zeros(d, np.float32)}
+  return head, params, np.asarray(x)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1])
+def test_dropout_keep_rates_and_scaling(keep):
+  head, params, x = _identity_head(input_dropout=1 - keep, head_dropout=1 - keep)
+  _, out = head.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  h1, h2 = np.asarray(out["hidden1"]), np.asarray(out["hidden2"])
+  # 204,800 draws each: binomial std of the kept fraction is at most 0.0011.
+  assert (h1 != 0).mean() == pytest.approx(keep, abs=0.005)
+  np.testing.assert_allclose(h1[h1 != 0], (x / keep)[h1 != 0], rtol=1e-6)  # inverted dropout
+  assert (h2 != 0).mean() == pytest.approx(keep * keep, abs=0.005)  # input and layer dropout
+  _, evaluation = head.apply({"params": params}, x, train=False)
+  np.testing.assert_array_equal(np.asarray(evaluation["hidden1"]), x)  # off at evaluation
+
+
+def test_config_fields_reach_the_head(tmp_path):
+  c = tiny_demo_config(tmp_path, **{"model.feature_keep_percentile": 30.0,
+                                    "model.input_dropout": 0.2, "model.head_dropout": 0.5})
+  model, _, _ = create_model(c)
+  assert (model.head.keep_percentile, model.head.input_dropout, model.head.head_dropout) == \
+      (30.0, 0.2, 0.5)
+
+
+def test_macs_of_a_tiny_tower_match_the_hand_count(tmp_path):
+  """SigLIP width D=32, MLP M=64, 2 layers (scanned), patch 8 on 32 px (T=16), gated head."""
+  D, M, T, P, L = 32, 64, 16, 8, 2
+  patch = T * P * P * 3 * D                                  # 98,304
+  layer = T * (4 * D * D + 2 * D * M) + 2 * T * T * D        # q,k,v,o + MLP + QK^T, AV
+  pool = D * D + 2 * T * D * D + 2 * T * D + D * D + 2 * D * M  # MAP: q(probe), k,v, attn, o, MLP
+  head = D * 512 + 512 * 512 + 512
+  hand = patch + L * layer + pool + head
+  assert hand == 712_192
+  config = tiny_demo_config(tmp_path)
+  config.model.arch.num_hidden_layers = L
+  profile = compute.compute_profile(config)
+  assert profile["gmacs_matmul"] * 1e9 == pytest.approx(hand, abs=0.5)
+  # XLA also counts the element-wise work (norms, GELU, softmax, gates): measured +5.8% here.
+  assert hand < profile["gmacs_xla"] * 1e9 < 1.07 * hand
+  assert profile["params_head"] == D * 512 + 512 + 512 * 512 + 512 + 512 + 1 + 2 * 5 * 512
+
+
+def _fake_matrix(folder, runs):
+  """results.jsonl + each run's config.json, as iqa_jax.experiments writes them."""
+  import json
+  rows = []
+  for i, (dataset, head, model_fields, srcc, plcc) in enumerate(runs):
+    workdir = f"runs/{i}"
+    (folder / workdir).mkdir(parents=True)
+    (folder / workdir / "config.json").write_text(json.dumps({"model": model_fields}))
+    rows.append({"kind": "run", "dataset": dataset, "head": head, "seed": 8, "model": "SigLIP2",
+                 "backbone": "siglip", "status": "done", "workdir": workdir,
+                 "best": {"srcc": srcc, "plcc": plcc}})
+  (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return folder / "results.jsonl"
+
+
+def test_retention_tables_delta_is_the_group_mean_change_from_k100(tmp_path, capsys):
+  from iqa_jax import report
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  full = _fake_matrix(tmp_path / "a", [("kadid10k", "baseline", {}, .80, .82),
+                                       ("agiqa1k", "baseline", {}, .70, .74),
+                                       ("clive", "baseline", {}, .60, .66)])
+  masked = _fake_matrix(tmp_path / "b", [
+      ("kadid10k", "baseline", {"feature_keep_percentile": 50.0}, .75, .80),
+      ("agiqa1k", "baseline", {"feature_keep_percentile": 50.0}, .60, .70),
+      ("clive", "baseline", {"feature_keep_percentile": 50.0}, .61, .60),
+      ("clive", "baseline", {"input_dropout": 0.3}, .58, .65)])
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  md = capsys.readouterr().out
+  # k=50: Group 1 = mean of (.75-.80, .60-.70) = -.075 SRCC, mean of (-.02, -.04) = -.03 PLCC.
+  assert "| MLP-LReLU (Masking) | 50 | .750 | .800 | .600 | .700 | -.075 | -.030 | .610 | .600 " \
+         "| .010 | -.060 |" in md
+  assert report.main([str(full), str(masked), "--table", "S3"]) == 0
+  md = capsys.readouterr().out
+  assert "| MLP-LReLU w/ Input Dropout | 70 |" in md and "| -.020 | -.010 |" in md
+
+
+def test_table5_labels_published_rows_and_adds_ours(tmp_path, capsys):
+  from iqa_jax import analyses, report
+  results = _fake_matrix(tmp_path, [("clive", "sigmoid", {}, .901, .925)])
+  assert report.main([str(results), "--table", "5"]) == 0
+  md = capsys.readouterr().out
+  assert "| LGDM [27] [diffusion] | published (paper Table 5) | .908 | .940 | .967 |" in md
+  assert "| B_Sig (SigLIP2) | this rerun, seeds [8] | .901 | .925 | — |" in md
+  published = {name: v for _, name, v in analyses.published_table5()}
+  assert len(published) == 20 and published["B_Gated (paper)"][-2:] == [.862, .891]
+
+
+def test_sweep_points_average_seeds_per_lora_rank(tmp_path):
+  import json
+
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .80, .85),
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .84, .87),
+      ("clive", "gated", {"finetune": "lora", "lora": {"rank": 8}}, .90, .91),
+      ("clive", "gated", {"finetune": "frozen"}, .50, .50)])  # not on the LoRA-rank axis
+  rows = [json.loads(line) for line in results.read_text().splitlines()]
+  for i, r in enumerate(rows):  # two runs of rank 2 are two seeds
+    r["seed"] = 8 + i
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  points = analyses.sweep_points(analyses.load_runs([results]), "S4")
+  (x2, mean2, std2, n2), (x8, mean8, std8, n8) = points[("clive", "gated", "srcc")]
+  assert (x2, n2, x8, n8, mean8, std8) == (2, 2, 8, 1, .90, 0.0)
+  assert mean2 == pytest.approx(.82) and std2 == pytest.approx(np.std([.80, .84], ddof=1))
+  png = analyses.sweep_figure(analyses.load_runs([results]), "S4", tmp_path / "s4.png")
+  assert png.stat().st_size > 0
+  with pytest.raises(ValueError, match="backbone=pe"):
+    analyses.sweep_points(analyses.load_runs([results]), "S5")
+
+
+def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(tmp_path):
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [("clive", "baseline", {"finetune": "frozen"}, .80, .86),
+                                    ("clive", "baseline", {"finetune": "lora"}, .85, .84),
+                                    ("clive", "baseline", {"finetune": "full"}, .90, .92)])
+  t = analyses.make_analysis_table([results], "S1")
+  assert [r[1:] for r in t.rows] == [["Frozen", .80, .86], ["LoRA (r=4)", .85, .84],
+                                     ["Full FT", .90, .92]]
+  assert t.bold == {(1, 2), (0, 3)}  # full FT is shown but not in the frozen-vs-LoRA bolding

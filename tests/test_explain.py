@@ -1,0 +1,119 @@
+"""Grad-CAM against a model whose map is known in closed form, on every backbone family; t-SNE
+silhouettes against scikit-learn on known clusters."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_demo_config
+
+from iqa_jax import explain
+
+
+class LinearTokens(nn.Module):
+  """tokens A = patches @ W (B, T, D), or a (B, H, W, D) map; feature = mean of A;
+  score = feature @ v. Grad-CAM: d score / d A_tc = v_c / T for every token, so the map is
+  ReLU(A_t . v) / T exactly."""
+  spatial: bool = False
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    b, h, w, _ = images.shape
+    patches = images.reshape(b, h // 4, 4, w // 4, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h // 4, w // 4, 48)
+    a = nn.Dense(8, name="proj")(patches if self.spatial else patches.reshape(b, -1, 48))
+    feature = a.mean(axis=(1, 2) if self.spatial else 1)
+    score = nn.Dense(1, use_bias=False, name="v")(feature)[:, 0]
+    return score, {"encoded": a, "feature": feature}
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_gradcam_equals_the_closed_form(spatial):
+  model = LinearTokens(spatial=spatial)
+  x = jnp.asarray(np.random.RandomState(0).randn(3, 16, 24, 3), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  maps, _ = explain.gradcam(model, params, x)
+  _, out = model.apply({"params": params}, x)
+  a = np.asarray(out["encoded"]).reshape(3, 4, 6, 8)
+  v = np.asarray(params["v"]["kernel"])[:, 0]
+  want = np.maximum(a @ v, 0) / 24  # tokens go back on the 4 x 6 patch grid, row-major
+  np.testing.assert_allclose(np.stack(maps), want, rtol=1e-5, atol=1e-7)
+  assert (want > 0).any() and (want == 0).any()  # both ReLU branches are exercised
+
+
+def test_gradcam_tokens_on_a_square_grid_drop_leading_tokens():
+  """A class token before 4 x 4 patch tokens: the map covers the patches only, in order."""
+  class WithClassToken(LinearTokens):
+    @nn.compact
+    def __call__(self, images, train=False):
+      b = images.shape[0]
+      patches = images.reshape(b, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 16, 48)
+      cls = jnp.ones((b, 1, 48), images.dtype)
+      a = nn.Dense(8, name="proj")(jnp.concatenate([cls, patches], axis=1))
+      feature = a.mean(axis=1)
+      return nn.Dense(1, use_bias=False, name="v")(feature)[:, 0], {"encoded": a,
+                                                                   "feature": feature}
+  model = WithClassToken()
+  x = jnp.asarray(np.random.RandomState(1).randn(2, 16, 16, 3), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  maps, out = explain.gradcam(model, params, x)
+  v = np.asarray(params["v"]["kernel"])[:, 0]
+  want = np.maximum(np.asarray(out["encoded"])[:, 1:] @ v, 0).reshape(2, 4, 4) / 17
+  np.testing.assert_allclose(maps, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["siglip", "resnet", "siglip2_naflex"])
+def test_gradcam_runs_on_every_family_on_its_own_grid(family, tmp_path):
+  """The score's map on each family's grid: SigLIP's 4x4 patches (8 px on 32 px), ResNet's
+  last stage (64 px / 32 = 2x2), and NaFlex's own rows x cols per packed image (4x5, 3x6)."""
+  from iqa_jax.models.model import create_model
+  c = tiny_demo_config(tmp_path)
+  rs = np.random.RandomState(0)
+  x = rs.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  grids = [(4, 4), (4, 4)]
+  if family == "resnet":
+    c.model.update(backbone="resnet", variant="18")
+    c.model.arch = dict(embedding_size=8, hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1))
+    c.data.image_size = 64
+    x, grids = rs.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32), [(2, 2), (2, 2)]
+  elif family == "siglip2_naflex":
+    c.model.update(backbone="siglip2_naflex", variant="b/16")
+    c.model.arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, patch_size=4, num_patches=16)
+    x, grids = np.zeros((2, 21, 48), np.float32), [(4, 5), (3, 6)]
+    for i, (gh, gw) in enumerate(grids):
+      x[i, 0, :2] = (gh, gw)
+      x[i, 1:1 + gh * gw] = rs.randn(gh * gw, 48)
+  model, params, _ = create_model(c)
+  for target in (None, explain.band_target("top10")):
+    maps, _ = explain.gradcam(model, params, jnp.asarray(x), target)
+    assert [np.shape(m) for m in maps] == grids
+    assert all(np.isfinite(m).all() and (m >= 0).all() and m.max() > 0 for m in maps)
+
+
+def test_band_target_sums_magnitudes_in_the_band():
+  f = np.random.RandomState(0).randn(2, 100).astype(np.float32)
+  out = {"feature": jnp.asarray(f)}
+  mag = np.abs(f)
+  top = np.where(mag >= np.percentile(mag, 90, axis=-1, keepdims=True), mag, 0).sum(-1)
+  np.testing.assert_allclose(explain.band_target("top10")(None, out), top, rtol=1e-6)
+  lo, hi = np.percentile(mag, 70, axis=-1, keepdims=True), np.percentile(mag, 90, axis=-1,
+                                                                        keepdims=True)
+  band = np.where((mag >= lo) & (mag <= hi), mag, 0).sum(-1)
+  np.testing.assert_allclose(explain.band_target("10-30")(None, out), band, rtol=1e-6)
+  with pytest.raises(ValueError, match="--groups"):
+    explain.band_target("30-10")
+
+
+def test_tsne_silhouette_on_known_clusters_matches_sklearn():
+  from sklearn.metrics import silhouette_score
+  rs = np.random.RandomState(0)
+  labels = np.repeat(np.arange(5), 40)
+  centers = rs.randn(5, 20) * 10
+  x = centers[labels] + rs.randn(200, 20)
+  emb, sil = explain.tsne_panel(x, labels)
+  assert sil == pytest.approx(silhouette_score(emb, labels), abs=1e-12)
+  assert sil > 0.8  # five far-apart blobs stay apart in 2-D
+  _, mixed = explain.tsne_panel(x, rs.permutation(labels))
+  assert abs(mixed) < 0.1  # labels unrelated to the clusters: no structure
+  assert explain.quality_bucket([0, 0.19, 0.2, 0.5, 0.99, 1.0]).tolist() == [0, 0, 1, 2, 4, 4]
