@@ -27,6 +27,8 @@ def get_config(arg=None):
   c.data.split = "content"  # split by reference photo: no content in both train and val
   c.data.image_size = 64
   c.data.options.distortions = args.get("distortions", "")
+  # It learns on native-resolution 64 px tiles: score a photo of any size by 3 such crops.
+  c.data.test_view = args.get("view", "crops")
   c.optim.epochs = int(args.get("epochs", 10))
   c.optim.batch_size = int(args.get("batch", 12))
   c.optim.grad_accum = 1

@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 0
   c.data.on_error = "raise"  # raise | skip
   c.data.cache = ""
+  # How a model looks at an image at test time (score, evaluate, Scorer, exported models):
+  # resize (the paper's recipe, §3.1) or test_crops crops of image_size at native resolution.
+  c.data.test_view = "resize"
+  c.data.test_crops = 3
   # Adapter options; each adapter ignores those it does not use (docs/datasets.md).
   c.data.options = ml_collections.ConfigDict({
       "resolution": "1024x768",  # KonIQ-10k: 1024x768 or 512x384

@@ -17,18 +17,20 @@ import numpy as np
 from iqa_jax import metrics
 from iqa_jax.data import datasets, pipeline
 from iqa_jax.score import load_run
+from iqa_jax.scorer import Scorer
 
 
 def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: str = "best",
                  out_dir: str | None = None, batch_size: int | None = None,
                  progress: bool = False) -> dict:
   """Scores every image of `data_config`'s dataset with the run; returns and writes metrics."""
-  from iqa_jax.train import predict
-  config, score_fn, params, pp_str = load_run(workdir, which)
+  loaded = load_run(workdir, which)
+  config = ml_collections.ConfigDict(loaded.info["config"])
   records = datasets.load_records(data_config)
   records, skipped = pipeline.check_records(records, on_error=data_config.get("on_error", "raise"))
-  loader = pipeline.make_eval_loader(records, pp_str, batch_size or config.eval_batch_size)
-  pred = predict(score_fn, params, loader, progress=progress, desc=f"eval {data_config.name}")
+  # The run's test-time view (resize or native crops), as `score` and `Scorer` apply it.
+  scorer = Scorer(loaded, batch_size=batch_size or config.eval_batch_size)
+  pred = scorer([r.path for r in records], progress=progress, desc=f"eval {data_config.name}")
   mos = np.array([r.mos for r in records])
   result = {"train_dataset": config.data.name, "test_dataset": data_config.name,
             "n": len(records), "n_skipped": len(skipped), "checkpoint": which,
