@@ -98,8 +98,7 @@ def model_card(run: Path, which: str, config: dict, exported: dict) -> str:
       f"| val SRCC / PLCC (best epoch) | {fmt(best.get('srcc'))} / {fmt(best.get('plcc'))} |",
       f"| test SRCC / PLCC | {fmt((test or {}).get('srcc'))} / {fmt((test or {}).get('plcc'))} |",
       f"| backbone | {m['backbone']}, head {m['head']}, finetune {config['model']['finetune']} |",
-      f"| LoRA | {'merged into the weights' if exported['lora']['merged'] else 'kept separate'} "
-      f"(rank {exported['lora']['rank']}, alpha {exported['lora']['alpha']}) |",
+      f"| LoRA | {_lora_line(exported['lora'])} |",
       f"| weights | {exported['weights_dtype']} |",
       f"| test-time view | {exported['view']['kind']}"
       + (f" ({exported['view']['crops']} crops)" if exported['view']['kind'] == "crops" else "")
@@ -109,6 +108,13 @@ def model_card(run: Path, which: str, config: dict, exported: dict) -> str:
       f"| training command | `{command}` |", "",
   ]
   return "\n".join(lines)
+
+
+def _lora_line(lora: dict) -> str:
+  if not lora["rank"]:
+    return "none"
+  how = "merged into the weights" if lora["merged"] else "kept separate"
+  return f"{how} (rank {lora['rank']}, alpha {lora['alpha']:g})"
 
 
 def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "float32",
@@ -130,7 +136,9 @@ def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "flo
   params = jax.device_get(loaded.params)
   if merged:
     params = merge_lora(params, float(lora["alpha"]), int(lora["rank"]))
-  tensors = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  # C order: safetensors writes an array's buffer as it lies in memory, and the frozen HF
+  # kernels are transposed views (Fortran order) that would come back transposed.
+  tensors = {k: np.ascontiguousarray(v) for k, v in checkpoint.flatten(params).items()}
   if dtype == "bfloat16":  # the backbone; head, gates and LoRA stay float32 (App. B.1)
     tensors = {k: v.astype(jnp.bfloat16) if k.startswith("backbone.") and "lora_" not in k
                and np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}

@@ -1,4 +1,4 @@
-"""Does a model rank graded distortions of full-size photos? resize vs crops, as a new user tries it.
+"""Does a model rank graded distortions of full-size photos? resize vs crops, as a user would try.
 
   python scripts/bench_views.py --model checkpoints/demo/model [--photos rocket,coins] [--crops 3]
 
@@ -42,6 +42,7 @@ def _jpeg(img: Image.Image, quality: int | None) -> Image.Image:
 def graded_photos(folder: Path, photos: list[str]) -> list[tuple[str, str, str, int]]:
   """-> (path, photo, distortion, level) for every photo x distortion x level 0..3 (0: clean)."""
   import skimage
+
   from iqa_jax.data.demo import FILES
   rows = []
   for name in photos:
