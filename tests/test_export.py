@@ -92,6 +92,7 @@ def exported(tmp_path_factory, tiny_siglip_dir):
   base = root / "base"
   shutil.copytree(tiny_siglip_dir, base)
   config = _lora_config(base, name="csv")
+  config.optim.schedule = "constant"
   _, params, _ = create_model(config)
   params = _randomise_lora(params)
   tx, labels = make_optimizer(config, params, steps_per_epoch=1)
