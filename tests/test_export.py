@@ -15,8 +15,9 @@ from PIL import Image
 from iqa_jax import export, score
 from iqa_jax.scorer import Scorer
 
-# bf16 backbone weights (float32 compute): |score error| <= 0.5% of the largest |score|.
-BF16_REL = 5e-3
+# bf16 backbone weights (float32 compute): |score error| <= 0.2% of the largest |score|
+# (measured 7.3e-4 on the tiny tower).
+BF16_REL = 2e-3
 
 
 def _lora_config(init, **data):
