@@ -51,7 +51,8 @@ def test_every_input_kind_scores_like_its_file(demo_model, photo):
   assert scorer(grey) == pytest.approx(scorer(str(d / "grey.png")), abs=1e-6)
   many = scorer([str(d / "rgb.png"), rgb, str(d / "grey.png")])  # 3 inputs, batch of 2
   np.testing.assert_allclose(many, [from_path, from_path, scorer(grey)], atol=1e-6)
-  np.testing.assert_allclose(scorer.mos(many), many * 4 + 1, atol=1e-9)  # demo: KADID scale
+  np.testing.assert_allclose(scorer.to_mos(many), many * 4 + 1, atol=1e-9)  # demo: KADID scale
+  assert scorer.mos(rgb) == pytest.approx(from_path * 4 + 1, abs=1e-5)
   with pytest.raises(ValueError, match="missing.png"):
     scorer([str(d / "rgb.png"), str(d / "missing.png")])
   with pytest.raises(ValueError, match="uint8"):
