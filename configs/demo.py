@@ -10,7 +10,8 @@ from iqa_jax.defaults import base_config, parse_arg
 
 def get_config(arg=None):
   args = parse_arg(arg, seed=8, patch=8, head="gated", finetune="full", dir="demo_data",
-                   distortions="", epochs=10, batch=12, lr=1e-3, backbone_lr=1e-3)
+                   distortions="", view="crops", epochs=10, batch=12, lr=1e-3,
+                   backbone_lr=1e-3)
   c = base_config()
   c.name = "demo"
   c.seed = args.seed
@@ -28,6 +29,8 @@ def get_config(arg=None):
   c.data.split = "content"  # split by reference photo: no content in both train and val
   c.data.image_size = 64
   c.data.options.distortions = args.distortions
+  # It learns on native-resolution 64 px tiles: score a photo of any size by 3 such crops.
+  c.data.test_view = args.view
   c.optim.epochs = args.epochs
   c.optim.batch_size = args.batch
   c.optim.grad_accum = 1

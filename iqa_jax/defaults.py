@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "files"  # files | tfds
   c.data.tfds_dir = ""
   c.data.features = ""  # a feature cache (python -m iqa_jax.features): train the head alone
+  # How a model looks at an image at test time (score, evaluate, Scorer, exported models):
+  # resize (the paper's recipe, §3.1) or test_crops crops of image_size at native resolution.
+  c.data.test_view = "resize"
+  c.data.test_crops = 3
   # Adapter options; each adapter ignores those it does not use (docs/datasets.md).
   c.data.options = ml_collections.ConfigDict({
       "resolution": "1024x768",  # KonIQ-10k: 1024x768 or 512x384

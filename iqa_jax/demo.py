@@ -1,4 +1,5 @@
-"""The embedded demo, end to end: build the set, train, print the table, score val to CSV.
+"""The embedded demo, end to end: build the set, train, print the table, export the model to
+WORKDIR/model (self-contained) and score the validation images with it into a CSV.
 
 python -m iqa_jax.demo [--workdir checkpoints/demo] [--config-arg head=sigmoid]
 """
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
 
   import importlib.util
 
-  from iqa_jax import metrics, score, train
+  from iqa_jax import export, metrics, score, train
   from iqa_jax.data import demo
 
   cfg_file = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
@@ -40,8 +41,10 @@ def main(argv=None) -> int:
 
   splits = json.loads((Path(a.workdir) / "splits.json").read_text())
   val_paths = [r["path"] if isinstance(r, dict) else r for r in splits["val"]]
+  model_dir = export.export_run(a.workdir, str(Path(a.workdir) / "model"))
+  print(f"exported the model -> {model_dir} (view: {config.data.test_view})")
   out = str(Path(a.workdir) / "val_scores.csv")
-  summary = score.score_paths(a.workdir, val_paths, out, batch_size=config.eval_batch_size,
+  summary = score.score_paths(str(model_dir), val_paths, out, batch_size=config.eval_batch_size,
                               progress=False)
   with open(out, newline="") as f:
     rows = list(csv.DictReader(f))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -15,21 +16,40 @@ import numpy as np
 from iqa_jax import metrics, run_folder
 from iqa_jax.data import datasets, pipeline, tfds_source
 from iqa_jax.score import load_run
+from iqa_jax.scorer import Scorer
+
+
+class _BuildImages(Sequence):
+  """The image bytes of a TFDS build's records, read when the scorer takes them."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    return self.source[i]["encoded"]
 
 
 def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: str = "best",
                  out_dir: str | None = None, batch_size: int | None = None,
                  progress: bool = False) -> dict:
   """Scores every image of `data_config`'s dataset with the run; returns and writes metrics."""
-  from iqa_jax.train import predict
-  config, score_fn, params, pp_str = load_run(workdir, which)
+  loaded = load_run(workdir, which)
+  config = ml_collections.ConfigDict(loaded.info["config"])
   records = datasets.load_records(data_config)
   tfds = tfds_source.build_dir(data_config)
   records, skipped = pipeline.check_records(records, on_error=data_config.get("on_error", "raise"),
                                             tfds=tfds)
-  loader = pipeline.make_eval_loader(records, pp_str, batch_size or config.eval_batch_size,
-                                     tfds=tfds)
-  pred = predict(score_fn, params, loader, progress=progress, desc=f"eval {data_config.name}")
+  # The run's test-time view (resize or native crops), as `score` and `Scorer` apply it; a TFDS
+  # build gives the images' bytes, read lazily.
+  images = (_BuildImages(tfds_source.TfdsSource(records, tfds)) if tfds
+            else [r.path for r in records])
+  scorer = Scorer(loaded, batch_size=batch_size or config.eval_batch_size)
+  pred = scorer(images, progress=progress, desc=f"eval {data_config.name}")
   mos = np.array([r.mos for r in records])
   result = {"train_dataset": config.data.name, "test_dataset": data_config.name,
             "n": len(records), "n_skipped": len(skipped), "checkpoint": which,

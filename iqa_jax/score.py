@@ -1,146 +1,391 @@
-"""Score images into a CSV: python -m iqa_jax.score --workdir RUN --out scores.csv IMAGES...
+"""Score images into a CSV:
 
-IMAGES are files, folders (searched recursively), globs, or @list.txt (one path per line).
-Rows stream to disk as they are scored (path, score in [0,1], mos on the training set's scale,
-error); an unreadable input gets its error in its row and the exit status is 1.
+python -m iqa_jax.score (--workdir RUN | --model DIR) --out scores.csv IMAGES...
+
+IMAGES are files, folders (searched recursively, symlinked folders followed), globs, or
+@list.txt (one path per line). Rows stream to disk as they are scored (path, score = the head's
+raw output, mos = score on the training set's scale, error); an unreadable input gets its error
+in its row and the exit status is 1. One process writes a CSV at a time (a lock, OUT.lock).
+--shard K/N scores every N-th input from the K-th (K = 0..N-1), for job arrays; then
+python -m iqa_jax.score merge OUT.csv PART0.csv PART1.csv ...  joins the parts.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
+import hashlib
+import io
+import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from iqa_jax import checkpoint, parallel, run_folder
+from iqa_jax import checkpoint, run_folder
 from iqa_jax.data import pp
 from iqa_jax.data.records import MOS_SCALES
-from iqa_jax.models.model import create_model
-from iqa_jax.steps import make_eval_step
+from iqa_jax.scorer import VIEWS, LoadedModel, Scorer, input_size
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif"}
 COLUMNS = ("path", "score", "mos", "error")
 
 
+class UsageError(ValueError):
+  """A user mistake (flag, file, CSV): one line naming it and the fix, exit status 2."""
+
+
+def _warn(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _folder_images(folder: str) -> list[str]:
+  """Image files under `folder`, symlinked sub-folders followed; a folder reached twice (a
+  symlink loop, or a second link to it) is read once, with a note."""
+  found, seen = [], {}
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    st = os.stat(root)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+      _warn(f"note: {root} is {seen[key]} again (a symlink loop or a second link); read once")
+      dirs[:] = []
+      continue
+    seen[key] = root
+    dirs.sort()
+    found += [os.path.join(root, f) for f in sorted(files)
+              if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+  return found
+
+
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
-  """Files, folders, globs and @file-lists -> an ordered list of paths (missing ones kept)."""
+  """Files, folders, globs and @file-lists -> an ordered list of paths (missing ones kept, each
+  path once)."""
   paths: list[str] = []
   for item in inputs:
     if item.startswith("@"):
-      with open(item[1:]) as f:
-        paths.extend(line.strip() for line in f if line.strip() and not line.startswith("#"))
+      try:
+        with open(item[1:]) as f:
+          paths.extend(line.strip() for line in f if line.strip() and not line.startswith("#"))
+      except OSError as e:
+        raise UsageError(f"cannot read the input list {item[1:]} ({e.strerror}); pass an "
+                         f"existing file after '@'") from None
     elif os.path.isdir(item):
-      found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-      paths.extend(found)
+      paths.extend(_folder_images(item))
     elif any(ch in item for ch in "*?[") and not os.path.exists(item):
       paths.extend(sorted(glob.glob(item, recursive=True)))
     else:
       paths.append(item)  # a missing file is reported in its row, never dropped
-  return paths
+  unique = list(dict.fromkeys(paths))
+  if len(unique) < len(paths):
+    _warn(f"note: {len(paths) - len(unique)} input(s) were listed more than once; scored once")
+  return unique
 
 
-def load_run(workdir: str, which: str = "best"):
-  """A trained run folder -> (config, jitted score fn, params, pp string)."""
+def parse_shard(text: str) -> tuple[int, int]:
+  """'K/N' -> (K, N) with 0 <= K < N."""
+  try:
+    k, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise UsageError(f"--shard {text!r}: expected K/N, e.g. --shard 0/4 (K = 0..N-1)") from None
+  if n < 1 or not 0 <= k < n:
+    raise UsageError(f"--shard {text!r}: K must be in 0..N-1 and N >= 1")
+  return k, n
+
+
+def load_run(workdir: str, which: str = "best") -> LoadedModel:
+  """A trained run folder -> LoadedModel (its config, base checkpoint and trained leaves)."""
+  from iqa_jax.models.model import create_model
   config = run_folder.read_config(workdir)  # the model the run was trained as, checked
   run_folder.check_base_checkpoint(workdir, config)  # against the frozen weights it started from
   model, params, preprocessing = create_model(config)
   flat, _ = checkpoint.load_params(workdir, which)
   params = checkpoint.unflatten_into(params, flat)
-  pp_str = pp.run_pp(config.data, preprocessing)
-  mesh = parallel.make_mesh()  # scoring batches split over all devices
-  return (config, parallel.jit_eval_step(make_eval_step(model), mesh),
-          parallel.put_replicated(params, mesh), pp_str)
+  return LoadedModel(
+      model=model, params=params, pp_str=pp.run_pp(config.data, preprocessing),
+      input_size=input_size(config, preprocessing),
+      view=config.data.get("test_view", "resize"), crops=int(config.data.get("test_crops", 3)),
+      mos_scale=MOS_SCALES.get(config.data.name, (1.0, 0.0)),
+      info={"dataset": config.data.name, "source": str(workdir), "config": config.to_dict(),
+            "preprocessing": dict(preprocessing)})
 
 
-def _done_paths(out: str) -> set[str]:
-  if not os.path.exists(out):
-    return set()
-  with open(out, newline="") as f:
-    return {row["path"] for row in csv.DictReader(f)}
-
-
-def score_paths(workdir: str, paths: Sequence[str], out: str, *, batch_size: int = 32,
-                which: str = "best", resume: bool = False, workers: int = 4,
-                progress: bool = True) -> dict:
-  """Scores `paths` into the CSV `out`; returns {'scored', 'failed', 'skipped_resume'}."""
-  config, score_fn, params, pp_str = load_run(workdir, which)
-  scale, offset = MOS_SCALES.get(config.data.name, (1.0, 0.0))
-  preprocess = pp.get_preprocess_fn(pp_str)
-  done = _done_paths(out) if resume else set()
-  todo = [p for p in paths if p not in done]
-  append = resume and os.path.exists(out)
-  Path(out).parent.mkdir(parents=True, exist_ok=True)
-  from tqdm.auto import tqdm
-  bar = tqdm(total=len(todo), unit="img", desc="score", disable=not progress, file=sys.stderr)
-
-  def load(path):
+@contextlib.contextmanager
+def csv_lock(out: str):
+  """Holds OUT.lock (flock) while `out` is written: a second writer is refused, and a killed
+  writer's lock is released by the kernel."""
+  import fcntl
+  path = out + ".lock"
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      return preprocess({"path": path})["image"], ""
-    except Exception as e:  # noqa: BLE001 - the row records any failure
-      return None, f"{type(e).__name__}: {e}".replace("\n", " ")
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+      os.close(fd)
+      raise UsageError(f"{out} is being written by another score process (pid {holder}, lock "
+                       f"{path}); wait for it to finish or pass another --out") from None
+    # The holder before us may have unlinked the file we opened: lock the one on disk.
+    if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+      break
+    os.close(fd)
+  os.ftruncate(fd, 0)
+  os.write(fd, str(os.getpid()).encode())
+  try:
+    yield
+  finally:
+    os.unlink(path)
+    os.close(fd)
 
+
+def read_score_csv(out: str) -> tuple[list[list[str]], bool]:
+  """-> (complete rows, whether the last line was cut). Refuses a file that is not a score CSV."""
+  with open(out, newline="") as f:
+    text = f.read()
+  if not text:
+    return [], False
+  cut = not text.endswith("\n")  # rows end with a newline: a crash mid-row leaves none
+  rows = list(csv.reader(io.StringIO(text)))
+  if cut:
+    rows = rows[:-1]
+  if not rows or tuple(rows[0]) != COLUMNS:
+    raise UsageError(f"{out} is not a score CSV (first line {','.join(rows[0]) if rows else ''!r},"
+                     f" expected {','.join(COLUMNS)}); pass another --out or drop --resume")
+  for n, row in enumerate(rows[1:], start=2):
+    if len(row) != len(COLUMNS):
+      raise UsageError(f"{out} line {n}: {len(row)} fields, expected {len(COLUMNS)}; fix or "
+                       f"delete that row, or pass another --out")
+  return rows[1:], cut
+
+
+def _is_scored(row: Sequence[str]) -> bool:
+  try:
+    return row[3] == "" and math.isfinite(float(row[1]))
+  except ValueError:
+    return False
+
+
+def _write_rows(out: str, rows: Iterable[Sequence[str]]) -> None:
+  """The whole CSV, atomically (temp file + os.replace)."""
+  tmp = f"{out}.tmp{os.getpid()}"
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows(rows)
+  os.replace(tmp, out)
+
+
+def check_arguments(out: str, batch_size: int, workers: int, crops: int | None,
+                    view: str | None) -> None:
+  """Every argument checked before --out (or anything beside it) is touched."""
+  if batch_size < 1:
+    raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+  if workers < 1:
+    raise UsageError(f"--workers must be >= 1, got {workers}")
+  if crops is not None and crops < 1:
+    raise UsageError(f"--crops must be >= 1, got {crops}")
+  if view is not None and view not in VIEWS:
+    raise UsageError(f"--view must be one of {VIEWS}, got {view!r}")
+  if os.path.isdir(out):
+    raise UsageError(f"--out {out} is a folder; pass a CSV file path, e.g. {out}/scores.csv")
+  parent = os.path.dirname(os.path.abspath(out))
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+
+
+def _inputs_digest(paths: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int = 32,
+                which: str = "best", resume: bool = False, workers: int = 4,
+                progress: bool = True, view: str | None = None, crops: int | None = None,
+                shard: tuple[int, int] | None = None) -> dict:
+  """Scores `paths` with `model` (a run folder or an exported folder) into the CSV `out`.
+
+  -> {'scored', 'failed', 'kept', 'rescored', 'inputs'}: new rows, rows with an error, rows
+  kept from an earlier --resume'd CSV, and earlier cut or error rows scored again.
+  """
+  check_arguments(out, batch_size, workers, crops, view)
+  paths = list(dict.fromkeys(paths))
+  digest, n_all = _inputs_digest(paths), len(paths)
+  if shard is not None:
+    paths = paths[shard[0]::shard[1]]
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  with csv_lock(out):
+    old_rows, cut = read_score_csv(out) if resume and os.path.exists(out) else ([], False)
+    scorer = Scorer.from_pretrained(model, which=which, batch_size=batch_size, view=view,
+                                    crops=crops)
+    wanted = set(paths)
+    redo = {r[0] for r in old_rows if not _is_scored(r) and r[0] in wanted}
+    if cut:
+      redo.add(_cut_path(out))
+    kept = [r for r in old_rows if r[0] not in redo]
+    done = {r[0] for r in kept}
+    todo = [p for p in paths if p not in done]
+    if resume:
+      _write_rows(out, kept)  # the cut line and the rows to retry go; the rest stays
+    else:
+      _write_rows(out, [])
+    if shard is not None:
+      _write_json(out + ".shard.json", {"shard": shard[0], "of": shard[1], "inputs": n_all,
+                                        "inputs_sha256": digest})
+    summary = _stream_rows(scorer, todo, out, workers, progress)
+    summary.update(kept=len(kept), rescored=len(redo & set(todo)), inputs=len(paths))
+    if resume and redo:  # retried rows were appended: put the CSV back in input order
+      rows, _ = read_score_csv(out)
+      order = {p: i for i, p in enumerate(paths)}
+      rows.sort(key=lambda r: order.get(r[0], len(order)))
+      _write_rows(out, rows)
+  return summary
+
+
+def _cut_path(out: str) -> str:
+  """The path field of a cut last line (what the rescored row replaces)."""
+  with open(out, newline="") as f:
+    last = f.read().rsplit("\n", 1)[-1]
+  return next(csv.reader([last]), [""])[0]
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  Path(tmp).write_text(json.dumps(obj, indent=2))
+  os.replace(tmp, path)
+
+
+def _stream_rows(scorer: Scorer, todo: Sequence[str], out: str, workers: int,
+                 progress: bool) -> dict:
+  """Appends one row per path as batches finish; flushed, so a crash loses nothing written."""
+  from tqdm.auto import tqdm
+  scale, offset = scorer.mos_scale
+  bar = tqdm(total=len(todo), unit="img", desc="score", disable=not progress, file=sys.stderr,
+             dynamic_ncols=True)
   scored = failed = 0
-  with open(out, "a" if append else "w", newline="") as f, ThreadPoolExecutor(workers) as pool:
-    writer = csv.writer(f)
-    if not append:
-      writer.writerow(COLUMNS)
-    for start in range(0, len(todo), batch_size):
-      chunk = todo[start:start + batch_size]
-      loaded = list(pool.map(load, chunk))
-      ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
-      scores = {}
-      if ok:
-        batch = np.stack([loaded[i][0] for i in ok])
-        pad = batch_size - len(ok)  # a fixed batch shape compiles once
-        if pad:
-          batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-        pred = np.asarray(score_fn(params, batch))[:len(ok)]
-        scores = dict(zip(ok, pred.tolist()))
-      for i, path in enumerate(chunk):
-        if i in scores:
-          s = scores[i]
-          writer.writerow((path, f"{s:.6f}", f"{s * scale + offset:.6f}", ""))
-          scored += 1
-        else:
-          writer.writerow((path, "", "", loaded[i][1]))
-          failed += 1
-      f.flush()  # a crash loses nothing already written
-      bar.update(len(chunk))
+  with open(out, "a", newline="") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    def flush(n):
+      f.flush()
+      bar.update(n)
+    for i, s, err in scorer.score_stream(todo, workers=workers, on_batch=flush):
+      if s is None:
+        writer.writerow((todo[i], "", "", err))
+        failed += 1
+      else:
+        writer.writerow((todo[i], f"{s:.6f}", f"{s * scale + offset:.6f}", ""))
+        scored += 1
   bar.close()
-  return {"scored": scored, "failed": failed, "skipped_resume": len(paths) - len(todo)}
+  return {"scored": scored, "failed": failed}
+
+
+def merge_parts(out: str, parts: Sequence[str]) -> int:
+  """Joins the CSVs of `--shard K/N` runs into `out` in input order, checking that the parts
+  are the N shards of one input list and that every input appears exactly once. -> rows."""
+  check_arguments(out, 1, 1, None, None)
+  metas = []
+  for part in parts:
+    side = part + ".shard.json"
+    if not os.path.exists(part):
+      raise UsageError(f"{part} not found")
+    if not os.path.exists(side):
+      raise UsageError(f"{side} not found: {part} was not written by `score --shard K/N`")
+    try:
+      metas.append(json.loads(Path(side).read_text()))
+    except json.JSONDecodeError:
+      raise UsageError(f"{side} is not valid JSON; score that shard again") from None
+  n = metas[0]["of"]
+  for part, m in zip(parts, metas, strict=True):
+    if (m["of"], m["inputs"], m["inputs_sha256"]) != (n, metas[0]["inputs"],
+                                                      metas[0]["inputs_sha256"]):
+      raise UsageError(f"{part} is shard {m['shard']}/{m['of']} of another input list than "
+                       f"{parts[0]}; merge parts of one `score --shard` job only")
+  got = sorted(m["shard"] for m in metas)
+  if got != list(range(n)):
+    missing = sorted(set(range(n)) - set(got))
+    twice = sorted({k for k in got if got.count(k) > 1})
+    raise UsageError(f"the parts are not the {n} shards once each (missing {missing}, repeated "
+                     f"{twice}); pass every PART.csv of the job exactly once")
+  total = metas[0]["inputs"]
+  by_shard, seen = {}, {}
+  for part, m in zip(parts, metas, strict=True):
+    rows, cut = read_score_csv(part)
+    expected = len(range(m["shard"], total, n))
+    if cut or len(rows) != expected:
+      raise UsageError(f"{part} has {len(rows)} complete rows, shard {m['shard']}/{n} has "
+                       f"{expected} inputs; finish it with `score ... --shard {m['shard']}/{n} "
+                       f"--resume`")
+    for r in rows:
+      if r[0] in seen:
+        raise UsageError(f"{r[0]} appears in {seen[r[0]]} and {part}; merge parts of one job")
+      seen[r[0]] = part
+    by_shard[m["shard"]] = rows
+  merged = [by_shard[i % n][i // n] for i in range(total)]
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  with csv_lock(out):
+    _write_rows(out, merged)
+  return len(merged)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  def error(self, message):  # one line and exit 2, as every user mistake
+    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _merge_main(argv) -> int:
+  ap = _OneLineParser(prog="python -m iqa_jax.score merge",
+                      description="Join the CSVs of `score --shard K/N` runs.")
+  ap.add_argument("out", help="merged CSV to write")
+  ap.add_argument("parts", nargs="+", help="the N part CSVs")
+  a = ap.parse_args(argv)
+  try:
+    n = merge_parts(a.out, a.parts)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"merged {len(a.parts)} parts, {n} rows -> {a.out}")
+  return 0
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m iqa_jax.score", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["merge"]:
+    return _merge_main(argv[1:])
+  ap = _OneLineParser(prog="python -m iqa_jax.score", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("images", nargs="+", help="files, folders, globs or @list.txt")
-  ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="run folder made by iqa_jax.train")
+  src.add_argument("--model", help="model folder made by iqa_jax.export")
   ap.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
   ap.add_argument("--which", default="best", choices=("best", "last"))
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--workers", type=int, default=4, help="decoding threads")
-  ap.add_argument("--resume", action="store_true", help="skip paths already in --out")
+  ap.add_argument("--view", default=None, choices=VIEWS,
+                  help="test-time view (default: the one the model records)")
+  ap.add_argument("--crops", type=int, default=None, help="crops per image for --view crops")
+  ap.add_argument("--shard", default=None, help="K/N: score every N-th input from the K-th")
+  ap.add_argument("--resume", action="store_true",
+                  help="keep scored rows of --out; score the rest, a cut last line and errors")
   ap.add_argument("--fail-on-error", action=argparse.BooleanOptionalAction, default=True,
                   help="exit 1 when any input could not be scored (default on)")
   ap.add_argument("--no-progress", action="store_true")
   a = ap.parse_args(argv)
-  paths = expand_inputs(a.images)
-  if not paths:
-    print(f"error: no images found in {a.images}", file=sys.stderr)
-    return 2
   try:
-    summary = score_paths(a.workdir, paths, a.out, batch_size=a.batch_size, which=a.which,
-                          resume=a.resume, workers=a.workers, progress=not a.no_progress)
+    check_arguments(a.out, a.batch_size, a.workers, a.crops, a.view)
+    shard = parse_shard(a.shard) if a.shard else None
+    paths = expand_inputs(a.images)
+    if not paths:
+      raise UsageError(f"no images found in {' '.join(a.images)}")
+    summary = score_paths(a.model or a.workdir, paths, a.out, batch_size=a.batch_size,
+                          which=a.which, resume=a.resume, workers=a.workers,
+                          progress=not a.no_progress, view=a.view, crops=a.crops, shard=shard)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"scored {summary['scored']}, failed {summary['failed']}"
-        + (f", already in CSV {summary['skipped_resume']}" if a.resume else "") + f" -> {a.out}")
+        + (f", kept {summary['kept']}, rescored {summary['rescored']}" if a.resume else "")
+        + f" -> {a.out}")
   if summary["failed"]:
     print(f"{summary['failed']} input(s) could not be scored; see the 'error' column of {a.out}",
           file=sys.stderr)

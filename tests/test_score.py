@@ -16,9 +16,12 @@ def odd_inputs(tmp_path_factory, tiny_demo_dir):
   base = base.resize((48, 40))
   base.convert("L").save(d / "gray.png")
   base.convert("CMYK").save(d / "cmyk.jpg")
-  rgba = base.convert("RGBA"); rgba.putalpha(128); rgba.save(d / "alpha.png")
+  rgba = base.convert("RGBA")
+  rgba.putalpha(128)
+  rgba.save(d / "alpha.png")
   Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(d / "sixteen.png")
-  exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 on display
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 on display
   base.save(d / "exif.jpg", exif=exif.tobytes())
   base.resize((3, 3)).save(d / "tiny.png")  # smaller than a patch
   (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -96,3 +99,121 @@ def test_cross_dataset_evaluation_writes_metrics_and_csv(trained_run, tiny_demo_
   pred, mos = [float(x["pred"]) for x in rows], [float(x["mos"]) for x in rows]
   assert r["srcc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-6)
   assert r["plcc"] == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-6)
+
+
+# --- Score CSVs as contracts (issue 10, items 9-12) and sharding (issue 14) ---
+
+@pytest.fixture(scope="module")
+def model_dir(trained_run, tmp_path_factory):
+  from iqa_jax import export
+  _, workdir, _ = trained_run
+  return export.export_run(str(workdir), str(tmp_path_factory.mktemp("export") / "model"))
+
+
+@pytest.fixture(scope="module")
+def val_paths(trained_run):
+  _, workdir, _ = trained_run
+  return [r["path"] for r in _rows(workdir / "val_predictions.csv")][:11]
+
+
+def _main(*args) -> int:
+  try:
+    return score.main([str(a) for a in args])
+  except SystemExit as e:  # argparse's own errors
+    return e.code
+
+
+def _score(model, out, *args) -> int:
+  return _main("--model", model, "--out", out, "--no-progress", "--batch-size", 4, *args)
+
+
+def test_shards_merged_equal_one_unsharded_run(model_dir, val_paths, tmp_path, capsys):
+  lst = tmp_path / "list.txt"
+  lst.write_text("\n".join(val_paths) + "\n")
+  assert _score(model_dir, tmp_path / "all.csv", "@" + str(lst)) == 0
+  parts = [tmp_path / f"part{k}.csv" for k in range(3)]
+  for k, part in enumerate(parts):
+    assert _score(model_dir, part, "--shard", f"{k}/3", "@" + str(lst)) == 0
+  assert [len(_rows(p)) for p in parts] == [4, 4, 3]
+  merged = tmp_path / "merged.csv"
+  assert _main("merge", merged, *parts[::-1]) == 0
+  assert merged.read_text() == (tmp_path / "all.csv").read_text()
+  capsys.readouterr()
+  bad = tmp_path / "bad.csv"
+  assert _main("merge", bad, parts[0], parts[1]) == 2
+  assert "missing [2]" in capsys.readouterr().err
+  assert _main("merge", bad, *parts, parts[1]) == 2
+  assert "repeated [1]" in capsys.readouterr().err
+  parts[2].write_text(parts[2].read_text()[:-30])  # a shard cut short by a killed job
+  assert _main("merge", bad, *parts) == 2
+  assert "--shard 2/3 --resume" in capsys.readouterr().err
+  assert not bad.exists()
+
+
+def test_a_second_writer_is_refused(model_dir, val_paths, tmp_path, capsys):
+  out = tmp_path / "s.csv"
+  out.write_text("path,score,mos,error\n")
+  with score.csv_lock(str(out)):  # another `score` holds the CSV
+    assert _score(model_dir, out, val_paths[0]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "being written by another score process" in err
+  assert out.read_text() == "path,score,mos,error\n"
+  assert _score(model_dir, out, val_paths[0]) == 0 and len(_rows(out)) == 1
+  assert not (tmp_path / "s.csv.lock").exists()
+
+
+def test_resume_repairs_a_cut_line_and_retries_errors(model_dir, val_paths, tmp_path, capsys):
+  paths = val_paths[:6]
+  ref = tmp_path / "ref.csv"
+  assert _score(model_dir, ref, *paths) == 0
+  lines = ref.read_text().splitlines()
+  # Rows 1-2 scored; row 3 an earlier error; row 4 cut mid-score by a crash; 5-6 never written.
+  broken = lines[:3] + [f"{paths[2]},,,OSError: the disk was gone", lines[4][:len(paths[3]) + 4]]
+  out = tmp_path / "s.csv"
+  out.write_text("\n".join(broken))
+  capsys.readouterr()
+  assert _score(model_dir, out, "--resume", *paths) == 0
+  assert _rows(out) == _rows(ref)
+  assert "scored 4, failed 0, kept 2, rescored 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--batch-size", 0), "--batch-size must be >= 1"),
+    (("--batch-size", -1), "--batch-size must be >= 1"),
+    (("--workers", 0), "--workers must be >= 1"),
+    (("--crops", 0), "--crops must be >= 1"),
+    (("--shard", "3/2"), "--shard '3/2'"),
+    (("@missing_list.txt",), "cannot read the input list missing_list.txt"),
+    (("--resume", "--out-is-not-a-score-csv"), "is not a score CSV"),
+    (("--out-is-a-folder",), "is a folder"),
+    (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+])
+def test_user_mistakes_give_one_line_and_leave_out_untouched(args, says, tmp_path, capsys,
+                                                             monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "s.csv"
+  before = "path,score,mos,error\nkept.png,0.5,3.0,\n"
+  if "--out-is-not-a-score-csv" in args:
+    before = "id,label\n1,2\n"
+  out.write_text(before)
+  (tmp_path / "a.png").write_bytes(b"")
+  target = tmp_path if "--out-is-a-folder" in args else out
+  args = [a for a in args if not str(a).startswith("--out-is")]
+  rc = _main("--model", tmp_path / "no_model", "--out", target, "--no-progress", "a.png", *args)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+  assert out.read_text() == before and not (tmp_path / "s.csv.lock").exists()
+
+
+def test_symlinked_folders_are_followed_and_loops_read_once(tmp_path, capsys):
+  inputs, elsewhere = tmp_path / "inputs", tmp_path / "elsewhere"
+  (elsewhere / "deep").mkdir(parents=True)
+  inputs.mkdir()
+  for f in (inputs / "a.png", elsewhere / "b.png", elsewhere / "deep" / "c.jpg"):
+    Image.new("RGB", (8, 8)).save(f)
+  (inputs / "linked").symlink_to(elsewhere, target_is_directory=True)
+  (elsewhere / "back").symlink_to(inputs, target_is_directory=True)  # a loop
+  assert score.expand_inputs([str(inputs)]) == [
+      str(inputs / "a.png"), str(inputs / "linked" / "b.png"),
+      str(inputs / "linked" / "deep" / "c.jpg")]
+  assert "symlink loop" in capsys.readouterr().err
