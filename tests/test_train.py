@@ -68,7 +68,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_demo
   train.train_and_evaluate(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1}), str(workdir))
   real_loss = steps.iqa_loss
   monkeypatch.setattr(steps, "iqa_loss",
-                      lambda *a, **k: (lambda l, p: (l * np.nan, p))(*real_loss(*a, **k)))
+                      lambda *a, **k: (lambda loss, p: (loss * np.nan, p))(*real_loss(*a, **k)))
   with pytest.raises(train.NonFiniteLossError, match=r"step 23 \(epoch 2\)"):
     train.train_and_evaluate(tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 2}), str(workdir))
   _, meta = checkpoint.load_params(workdir, "last")
