@@ -72,11 +72,16 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
       return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss,
               jax.tree.map(jnp.add, parts_sum, parts)), None
 
-    # One path for every k: micro-batches (k, micro, ...) summed by a scan (k=1: one trip).
+    # Gradients are accumulated in one place: a scan over the k micro-batches (k, micro, ...).
+    # k=1 is no accumulation and calls the body once: a one-trip scan, even unrolled, compiles to
+    # other fusions and rounds differently (measured: params 7e-4 apart after 3 demo steps).
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, jnp.zeros(()), {"mse": jnp.zeros(()), "margin": jnp.zeros(())})
-    (grads, loss, parts), _ = jax.lax.scan(
-        one, init, (jnp.arange(k), micro(images), micro(mos), micro(weight)))
+    images, mos, weight = micro(images), micro(mos), micro(weight)
+    if k == 1:
+      (grads, loss, parts), _ = one(init, (0, images[0], mos[0], weight[0]))
+    else:
+      (grads, loss, parts), _ = jax.lax.scan(one, init, (jnp.arange(k), images, mos, weight))
     grads = jax.tree.map(lambda g: g / k, grads)
     if axis_name:  # all_gather's transpose sums D equal cotangents: the mean is the batch grad
       grads = jax.lax.pmean(grads, axis_name)

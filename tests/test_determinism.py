@@ -14,6 +14,7 @@ def test_same_config_and_seed_give_identical_results(trained_run, tiny_demo_dir,
   assert config.to_dict() == tiny_demo_config(tiny_demo_dir).to_dict()
   again = train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(tmp_path))
   assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # every digit
+
   def strip(h):
     return {k: v for k, v in h.items() if k not in RUN_SPECIFIC}
   assert [strip(h) for h in checkpoint.read_history(tmp_path)] == \
