@@ -57,7 +57,8 @@ def test_native_size_and_intermediates(tiny_clip):
   images = np.random.RandomState(1).randn(1, 32, 32, 3).astype(np.float32)
   feature, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
   with torch.no_grad():
-    ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                output_hidden_states=True)
   assert np.abs(np.asarray(feature) - ref.image_embeds.numpy()).max() <= 1e-5
   assert np.abs(np.asarray(out["encoded"]) - ref.last_hidden_state.numpy()).max() <= 1e-5
   assert out["layers"].shape == (2, 1, 17, 32)
@@ -72,8 +73,7 @@ def test_build_lora_on_q_and_k_only():
   params = zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   lora = sorted(p for p in paths if "lora_" in p)
-  assert lora == ["encoder_layers/self_attn/k_proj/lora_a", "encoder_layers/self_attn/k_proj/lora_b",
-                  "encoder_layers/self_attn/q_proj/lora_a", "encoder_layers/self_attn/q_proj/lora_b"]
+  assert lora == [f"encoder_layers/self_attn/{p}_proj/lora_{f}" for p in "kq" for f in "ab"]
   cfg.finetune = "frozen"
   assert clip.build(cfg).module.lora_rank == 0
 

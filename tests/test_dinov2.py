@@ -1,4 +1,4 @@
-"""DINOv2 against transformers.Dinov2Model (float32, tiny random config): mean of last_hidden_state."""
+"""DINOv2 against transformers.Dinov2Model (float32, tiny random config): mean last_hidden_state."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,7 +23,8 @@ def _save_tiny(tmp_path_factory, **extra):
       p.add_(0.05 * torch.randn_like(p))
   folder = tmp_path_factory.mktemp("tiny_dinov2")
   model.save_pretrained(folder)
-  transformers.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+  transformers.BitImageProcessorPil(size={"shortest_edge": 36},
+                                    crop_size={"height": 32, "width": 32},
                                     image_mean=[0.485, 0.456, 0.406],
                                     image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
   return model, folder

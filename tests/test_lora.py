@@ -36,8 +36,9 @@ def test_lora_output_equals_peft(tiny_siglip_dir):
   layers = params["encoder_layers"]["self_attn"]
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   for proj in ("q_proj", "k_proj"):
-    a = [sd[f"base_model.model.encoder.layers.{i}.self_attn.{proj}.lora_A.default.weight"].T for i in range(2)]
-    b = [sd[f"base_model.model.encoder.layers.{i}.self_attn.{proj}.lora_B.default.weight"].T for i in range(2)]
+    name = "base_model.model.encoder.layers.{}.self_attn.{}.lora_{}.default.weight"
+    a = [sd[name.format(i, proj, "A")].T for i in range(2)]
+    b = [sd[name.format(i, proj, "B")].T for i in range(2)]
     layers[proj]["lora_a"], layers[proj]["lora_b"] = np.stack(a), np.stack(b)
   got, _ = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
   print(f"SigLIP + LoRA pooler_output max abs error vs peft: {np.abs(got - want).max():.2e}")
@@ -82,7 +83,8 @@ def test_frozen_leaves_bit_identical_and_stateless(finetune):
   n_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(opt_state))
   flat_p = jax.tree.leaves(params)
   flat_l = jax.tree.leaves(labels)
-  trainable = sum(int(np.prod(p.shape)) for p, l in zip(flat_p, flat_l) if l != "frozen")
+  trainable = sum(int(np.prod(p.shape))
+                  for p, label in zip(flat_p, flat_l, strict=True) if label != "frozen")
   # Adam keeps mu and nu for trainable leaves only (plus scalar counts).
   assert 2 * trainable <= n_state <= 2 * trainable + 8
   state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(0))
@@ -93,10 +95,10 @@ def test_frozen_leaves_bit_identical_and_stateless(finetune):
   new, _ = step(state, batch)
   new, _ = step(new, batch)
   moved = {"frozen": [], "trainable": []}
-  for (path, a), b, l in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                             jax.tree.leaves(new.params), flat_l):
+  for a, b, label in zip(jax.tree.leaves(params), jax.tree.leaves(new.params), flat_l,
+                         strict=True):
     same = np.array_equal(np.asarray(a), np.asarray(b))
-    (moved["frozen"] if l == "frozen" else moved["trainable"]).append(not same)
+    (moved["frozen"] if label == "frozen" else moved["trainable"]).append(not same)
   assert not any(moved["frozen"])
   assert all(moved["trainable"])  # lora_a moves from the second step, once B is non-zero
   expected = {"lora": {"head", "lora", "frozen"}, "frozen": {"head", "frozen"},

@@ -69,7 +69,7 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 @contextlib.contextmanager
 def _timm():
-  """Yields timm; placeholder torchvision modules exist only inside, so other tests never see them."""
+  """Yields timm; placeholder torchvision modules exist only inside: other tests never see them."""
   if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed (pip install --no-deps timm)")
   try:
@@ -92,7 +92,7 @@ def _timm():
 
 @pytest.fixture(scope="module")
 def tiny_pe(tmp_path_factory):
-  """A perturbed random timm PE-Core saved as the hub's timm checkpoints are (safetensors + json)."""
+  """A perturbed random timm PE-Core saved as the hub's timm checkpoints are (safetensors, json)."""
   from safetensors.torch import save_file
   torch.manual_seed(0)
   with _timm() as timm:
@@ -103,7 +103,8 @@ def tiny_pe(tmp_path_factory):
       p.add_(0.05 * torch.randn_like(p))
     model.head.weight.normal_(0.0, 0.3)  # timm scales the head init by 1e-3: make outputs O(1)
   folder = tmp_path_factory.mktemp("tiny_pe")
-  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+            folder / "model.safetensors")
   (folder / "config.json").write_text(json.dumps({
       "architecture": ARCH, "num_classes": 16, "model_args": TINY,
       "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 1.0,
@@ -149,7 +150,7 @@ def test_build_lora_on_q_and_k_only():
   params = zeros_like_init(bb.module, np.zeros((1, 32, 32, 3), np.float32))
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert sorted(p for p in paths if "lora_" in p) == [
-      "blocks/attn/k/lora_a", "blocks/attn/k/lora_b", "blocks/attn/q/lora_a", "blocks/attn/q/lora_b"]
+      f"blocks/attn/{p}/lora_{f}" for p in "kq" for f in "ab"]
   assert params["blocks"]["norm1"]["scale"].shape[0] == 2  # blocks past the tap are not built
 
 

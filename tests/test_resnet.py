@@ -1,4 +1,4 @@
-"""ResNet against transformers.ResNetModel (pooler_output) and LoraConv against peft's Conv2d LoRA."""
+"""ResNet against transformers.ResNetModel (pooler_output), LoraConv against peft's Conv2d LoRA."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,8 +75,8 @@ def test_lora_conv_matches_peft(kernel, stride):
 def test_lora_placement_and_frozen_statistics(tiny_resnet):
   _, folder = tiny_resnet
   cfg = ml_collections.ConfigDict(dict(
-      backbone="resnet", init=str(folder), finetune="lora", lora=dict(rank=2, alpha=8.0, dropout=0.0),
-      dtype="float32", remat="none"))
+      backbone="resnet", init=str(folder), finetune="lora",
+      lora=dict(rank=2, alpha=8.0, dropout=0.0), dtype="float32", remat="none"))
   bb = resnet.build(cfg)
   x = np.random.RandomState(3).randn(2, 16, 16, 3).astype(np.float32)
   params = hf_io.merge_loaded(zeros_like_init(bb.module, x), bb.params)
@@ -84,7 +84,10 @@ def test_lora_placement_and_frozen_statistics(tiny_resnet):
   lora = [p for p in paths if "lora_" in p]
   # 2 stages x 2 blocks x 3 convs x (A, B); never the stem or a shortcut.
   assert len(lora) == 24 and not any("shortcut" in p or p.startswith("embedder") for p in lora)
-  loss = lambda p: bb.module.apply({"params": p}, x, train=True)[0].sum()
+
+  def loss(p):
+    return bb.module.apply({"params": p}, x, train=True)[0].sum()
+
   grads = jax.jit(jax.grad(loss))(params)
   flat = {"/".join(k.key for k in p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
   stats = [g for p, g in flat.items() if "running_" in p]

@@ -54,7 +54,8 @@ def test_pp_matches_hf_processor_and_feature_matches_hf(tiny_naflex):
   module, params, pp = _load(folder, np.zeros((1, 16, 16, 3), np.float32), scan=False, lora_rank=2)
   assert pp["max_num_patches"] == BUDGET and pp["patch_size"] == 4
 
-  pp_fn = pp_lib.get_preprocess_fn(naflex.naflex_pp(4, BUDGET, pp["resample"], pp["mean"], pp["std"]))
+  pp_fn = pp_lib.get_preprocess_fn(
+      naflex.naflex_pp(4, BUDGET, pp["resample"], pp["mean"], pp["std"]))
   packed = np.stack([pp_fn({"image": p})["image"] for p in photos])
   np.testing.assert_array_equal(packed[:, 0, :2], ref["spatial_shapes"])
   assert np.abs(packed[:, 1:] - ref["pixel_values"]).max() <= 1e-5
@@ -86,7 +87,7 @@ def test_naflex_size_agrees_with_hf():
   )
   rs = np.random.RandomState(2)
   for h, w, p, n in zip(rs.randint(8, 2000, 40), rs.randint(8, 2000, 40), [14, 16] * 20,
-                        rs.choice([64, 256, 576, 1024], 40)):
+                        rs.choice([64, 256, 576, 1024], 40), strict=True):
     assert naflex.naflex_size(h, w, p, n) == get_image_size_for_max_num_patches(h, w, p, n)
 
 
