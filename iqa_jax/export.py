@@ -54,7 +54,7 @@ def merge_lora(params: dict, alpha: float, rank: int) -> dict:
 def _any_variant(family: str, variant: str) -> str:
   """A variant name the family's build accepts; `arch` then sets every field of it."""
   from iqa_jax.models.model import BACKBONES
-  variants = getattr(importlib.import_module(BACKBONES[family].split(":")[0]), "VARIANTS", {})
+  variants = getattr(importlib.import_module(BACKBONES[family].__module__), "VARIANTS", {})
   return variant if not variants or variant in variants else next(iter(variants))
 
 
