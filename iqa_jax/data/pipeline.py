@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+from iqa_jax.data import cache as cache_lib
 from iqa_jax.data import images, pp
 from iqa_jax.data.records import Record
 
@@ -74,8 +75,7 @@ def check_records(records: Sequence[Record], on_error: str = "raise", threads: i
     held = {r.path for r in tfds_source.read_records(tfds)}
     file_reasons = [None if r.path in held else f"not in the TFDS build {tfds}" for r in records]
   elif cache:
-    from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    held = prepare.cached_paths(cache)
+    held = cache_lib.cached_paths(cache)
     file_reasons = [None if r.path in held else f"not in the cache {cache}" for r in records]
   else:
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
@@ -127,13 +127,12 @@ def _pad_batch(batch_size: int):
 class CachedSource(Sequence):
   """Records whose images come from a prepare cache: example dicts with 'image' already decoded.
 
-  The cache must have been built with the first ops of `pp_str` (prepare.check_cache).
+  The cache must have been built with the first ops of `pp_str` (cache_lib.check_cache).
   """
 
   def __init__(self, records: Sequence[Record], cache: str, pp_str: str):
-    from iqa_jax.data import prepare  # pylint: disable=g-import-not-at-top
     self._base = RecordSource(records)
-    self._images = prepare.open_cache(cache, [r.path for r in records], pp_str)
+    self._images = cache_lib.open_cache(cache, [r.path for r in records], pp_str)
 
   def __len__(self) -> int:
     return len(self._base)

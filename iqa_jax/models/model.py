@@ -21,7 +21,11 @@ from iqa_jax.models import (
     siglip2_naflex,
 )
 from iqa_jax.models.head import QualityHead, resolve_head
-from iqa_jax.models.tower import DTYPES, Backbone  # noqa: F401 - the names callers know
+from iqa_jax.models.tower import (  # noqa: F401 - DTYPES, Backbone: the names callers know
+    DTYPES,
+    MODEL_DEFAULTS,
+    Backbone,
+)
 
 # family -> build(config.model) -> Backbone. Each family file owns its checkpoint quirks
 # (STYLE.md); the families import `tower`, never this file, so the imports run one way.
@@ -81,11 +85,13 @@ class IQAModel(nn.Module):
 
 def head_from_config(model_config: ml_collections.ConfigDict) -> QualityHead:
   """config.model -> the quality head, with the Table 4 / S3 ablation fields when set."""
+  def get(key):  # a field the config leaves out takes base_config's value
+    return model_config.get(key, MODEL_DEFAULTS[key])
   return QualityHead(acts=resolve_head(model_config.head),
-                     hidden=model_config.get("head_hidden", 512),
-                     keep_percentile=float(model_config.get("feature_keep_percentile", 100.0)),
-                     input_dropout=float(model_config.get("input_dropout", 0.0)),
-                     head_dropout=float(model_config.get("head_dropout", 0.0)))
+                     hidden=get("head_hidden"),
+                     keep_percentile=float(get("feature_keep_percentile")),
+                     input_dropout=float(get("input_dropout")),
+                     head_dropout=float(get("head_dropout")))
 
 
 def create_model(config: ml_collections.ConfigDict, rng=None):

@@ -14,6 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iqa_jax.defaults import base_config
+
+MODEL_DEFAULTS = base_config().model  # what a field left out of config.model means
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # `hidden_act` as the HF configs spell it (`gelu` is exact erf GELU, as torch's default).
@@ -147,17 +150,18 @@ def fields_from(cls, mapping: Mapping) -> dict:
 
 def tower_kwargs(model_config, *, transformer: bool = True) -> dict:
   """config.model -> the module fields every family takes (LoRA only when finetune=lora)."""
-  lora = model_config.get("lora", {})
+  def get(key):  # a field the config leaves out takes base_config's value: one source of defaults
+    return model_config.get(key, MODEL_DEFAULTS[key])
+  lora = {**MODEL_DEFAULTS.lora.to_dict(), **dict(get("lora"))}
   kwargs = dict(
-      dtype=DTYPES[model_config.get("dtype", "float32")],
-      lora_rank=lora.get("rank", 4) if model_config.get("finetune", "lora") == "lora" else 0,
-      lora_alpha=lora.get("alpha", 8.0),
-      lora_dropout=lora.get("dropout", 0.05),
-      remat=model_config.get("remat", "none"),
+      dtype=DTYPES[get("dtype")],
+      lora_rank=lora["rank"] if get("finetune") == "lora" else 0,
+      lora_alpha=lora["alpha"],
+      lora_dropout=lora["dropout"],
+      remat=get("remat"),
   )
   if transformer:
-    kwargs.update(scan=model_config.get("scan", True),
-                  attention_impl=model_config.get("attention", "auto"))
+    kwargs.update(scan=get("scan"), attention_impl=get("attention"))
   return kwargs
 
 
