@@ -144,11 +144,15 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
 def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
                    groups: Sequence[str] = (), which: str = "best") -> list[Path]:
   """Overlay PNGs for each image: one panel for the score, one per feature band."""
+  import ml_collections
+
   from iqa_jax.data import pp
   from iqa_jax.score import load_run
-  config, _, params, pp_str = load_run(workdir, which)
-  from iqa_jax.models.model import create_model
-  model, _, prep = create_model(config)
+
+  loaded = load_run(workdir, which)
+  config = ml_collections.ConfigDict(loaded.info["config"])
+  model, params, pp_str = loaded.model, loaded.params, loaded.pp_str
+  prep = loaded.info["preprocessing"]
   load = pp.get_preprocess_fn(pp_str)
   show = pp.get_preprocess_fn(f"decode|resize({config.data.image_size or prep['size']})")
   out_dir = Path(out_dir)

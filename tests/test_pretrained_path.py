@@ -92,7 +92,7 @@ def test_resume_after_kill_rereads_the_frozen_weights_and_matches(pretrained_run
   # (read again from model.init), the trainable ones the run's.
   from iqa_jax.models.siglip import load_hf_siglip
   from iqa_jax.score import load_run
-  _, _, params, _ = load_run(str(workdir), "last")
+  params = load_run(str(workdir), "last").params
   run_flat = checkpoint.flatten(jax.device_get(params))
   _, hf, _ = load_hf_siglip(str(tiny_siglip_dir))
   hf_flat = {f"backbone.{k}": v for k, v in checkpoint.flatten(hf).items()}

@@ -43,7 +43,8 @@ def test_item2_other_config_is_refused_before_any_write(run_copy, tiny_demo_dir)
   assert "model.head ('gated' -> 'sigmoid')" in str(e.value) and "optim.lr" in str(e.value)
   assert "\n" not in str(e.value)
   assert _files(workdir) == before
-  assert score.load_run(str(workdir))[0].model.head == "gated"  # score/evaluate: recorded model
+  # score/evaluate: the recorded model
+  assert score.load_run(str(workdir)).info["config"]["model"]["head"] == "gated"
   # --restart is the way out: the run's files go (others stay), the new config is recorded.
   (workdir / "notes.txt").write_text("mine")
   run_folder.open_run(workdir, other, restart=True)
