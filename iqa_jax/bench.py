@@ -46,6 +46,18 @@ TINY_MODEL = {
                         attn_pool_num_heads=2),
            "tap_layer": -1},
     "resnet": {"arch": dict(embedding_size=16, hidden_sizes=(32, 64), depths=(1, 1))},
+    # SD 2.1's structure shrunk: a 2-block VAE (64 px -> 32 px latent), one cross-attention
+    # UNet block with linear projections, a 5-token prompt, and a small DP-IQA adapter.
+    "cleandift": {
+        "arch": dict(prompt_length=5,
+                     vae=dict(block_out_channels=(8, 16), layers_per_block=1,
+                              latent_channels=4, norm_num_groups=4),
+                     unet=dict(block_out_channels=(8,), layers_per_block=1,
+                               attention_head_dim=(2,), cross_attention_dim=12,
+                               use_linear_projection=True, norm_num_groups=4,
+                               down_block_types=("CrossAttnDownBlock2D",),
+                               up_block_types=("CrossAttnUpBlock2D",))),
+        "adapter": dict(blocks=(0,), width=16, grid=4, score_channels=(4,), pool="flatten")},
 }
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
