@@ -23,8 +23,8 @@ from iqa_jax.models import (
 from iqa_jax.models.head import QualityHead, resolve_head
 from iqa_jax.models.tower import (  # noqa: F401 - DTYPES, Backbone: the names callers know
     DTYPES,
-    MODEL_DEFAULTS,
     Backbone,
+    model_field,
 )
 
 # family -> build(config.model) -> Backbone. Each family file owns its checkpoint quirks
@@ -85,8 +85,8 @@ class IQAModel(nn.Module):
 
 def head_from_config(model_config: ml_collections.ConfigDict) -> QualityHead:
   """config.model -> the quality head, with the Table 4 / S3 ablation fields when set."""
-  def get(key):  # a field the config leaves out takes base_config's value
-    return model_config.get(key, MODEL_DEFAULTS[key])
+  def get(key):
+    return model_field(model_config, key)
   return QualityHead(acts=resolve_head(model_config.head),
                      hidden=get("head_hidden"),
                      keep_percentile=float(get("feature_keep_percentile")),

@@ -148,10 +148,16 @@ def fields_from(cls, mapping: Mapping) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items() if k in names}
 
 
+def model_field(model_config, key: str):
+  """config.model[key]; a field the config leaves out takes base_config's value (one source of
+  defaults)."""
+  return model_config.get(key, MODEL_DEFAULTS[key])
+
+
 def tower_kwargs(model_config, *, transformer: bool = True) -> dict:
   """config.model -> the module fields every family takes (LoRA only when finetune=lora)."""
-  def get(key):  # a field the config leaves out takes base_config's value: one source of defaults
-    return model_config.get(key, MODEL_DEFAULTS[key])
+  def get(key):
+    return model_field(model_config, key)
   lora = {**MODEL_DEFAULTS.lora.to_dict(), **dict(get("lora"))}
   kwargs = dict(
       dtype=DTYPES[get("dtype")],
