@@ -1,6 +1,8 @@
 """Run checkpoints with orbax: `ckpt/last` and `ckpt/best`, each holding the trainable params,
 the optimizer state, step, RNG and a JSON of (epoch, best metrics). Frozen pretrained weights
-are not copied into runs: they are reloaded from `config.model.init`."""
+are not copied into runs: they are reloaded from `config.model.init`. With
+`config.keep_epoch_checkpoints`, `ckpt/epochs/<n>` also keeps the trainable params after each
+epoch n (1-based, as the training log counts) for Grad-CAM over training (Figure S6)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import orbax.checkpoint as ocp
 from iqa_jax.run_folder import HISTORY, RunFolderError, read_jsonl, write_text
 
 SEP = "."
+EPOCHS = "epochs"  # ckpt/epochs/<n>: params after epoch n (config.keep_epoch_checkpoints)
 
 
 def _unreadable(path: Path, e: Exception) -> RunFolderError:
@@ -66,6 +69,20 @@ class RunCheckpoints:
     mngr.save(int(state.step), args=args, force=True)
     mngr.wait_until_finished()
 
+  def save_epoch(self, state, labels, epoch: int) -> None:
+    """The trainable params after 0-based `epoch`, kept in ckpt/epochs/<epoch + 1> for good (no
+    optimizer state: these are for looking at, not resuming)."""
+    if "epochs" not in self.managers:
+      self.managers["epochs"] = ocp.CheckpointManager(
+          self.root / EPOCHS, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    mngr = self.managers["epochs"]
+    if epoch + 1 in mngr.all_steps():  # left by a run killed before ckpt/last recorded the epoch
+      mngr.delete(epoch + 1)
+    mngr.save(epoch + 1, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(saved_params(state.params, labels, self.save_frozen)),
+        meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step)})), force=True)
+    mngr.wait_until_finished()
+
   def _restore(self, which: str, state, labels):
     mngr = self.managers[which]
     step = mngr.latest_step()
@@ -95,13 +112,22 @@ class RunCheckpoints:
       m.close()
 
 
-def load_params(workdir, which: str = "best") -> tuple[dict, dict]:
-  """-> (flat saved params, meta) of a run, for scoring and evaluation."""
+def epoch_numbers(workdir) -> list[int]:
+  """The 1-based epochs whose params ckpt/epochs keeps ([] when the run kept none)."""
+  path = Path(workdir).absolute() / "ckpt" / EPOCHS
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
+def load_params(workdir, which: str = "best", step: int | None = None) -> tuple[dict, dict]:
+  """-> (flat saved params, meta) of a run, for scoring and evaluation. which='epochs' with
+  step=n: the params after epoch n (config.keep_epoch_checkpoints)."""
   path = Path(workdir).absolute() / "ckpt" / which
   mngr = ocp.CheckpointManager(path)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No '{which}' checkpoint in {path}; train first with "
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    mngr.close()
+    where = path if step is None else path / str(step)
+    raise FileNotFoundError(f"No '{which}' checkpoint in {where}; train first with "
                             f"`python -m iqa_jax.train --config ... --workdir {workdir}`")
   try:
     r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),

@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval_batch_size = 32
   c.log_grad_norm = False
+  # Also keep the trainable params after every epoch in ckpt/epochs/<n> (Grad-CAM over training,
+  # Figure S6: `python -m iqa_jax.explain gradcam --over-training`); off: runs keep last and best.
+  c.keep_epoch_checkpoints = False
   c.progress = True
 
   # Devices (docs/parallel.md): the global batch optim.batch_size is split over all devices.

@@ -1,6 +1,7 @@
 """Where a score comes from (Grad-CAM) and how the heads arrange images (t-SNE).
 
   python -m iqa_jax.explain gradcam --workdir RUN --out DIR IMAGES... [--groups top10,top50]
+  python -m iqa_jax.explain gradcam --workdir RUN --out DIR --over-training IMAGES...
   python -m iqa_jax.explain tsne --workdir RUN[,RUN...] --out DIR [--per-split 400]
 
 Grad-CAM (Figures 1, 5, S8-S11) is taken on the tokens the backbone reports as `encoded` (the
@@ -8,7 +9,9 @@ last encoder block after its final norm; a ResNet's last stage; NaFlex tokens on
 patch grid): channel weights are the token-averaged gradients of the target, the map is
 ReLU(sum_c weight_c * A_c). The target is the quality score, or with --groups the summed
 magnitude of one band of backbone features ranked by |f| (top10: |f| at or above the 90th
-percentile of that image's |f|; 10-30: between the 70th and 90th).
+percentile of that image's |f|; 10-30: between the 70th and 90th). --over-training (Figure S6)
+draws the score's map with the params of every epoch a run kept (config.keep_epoch_checkpoints):
+one row per epoch, one column per image.
 t-SNE (Figures 4, S1, S2, scikit-learn) embeds the backbone feature and each head's hidden
 layers for the train and held-out splits, coloured by quality bucket, with the silhouette score
 of each panel's embedding by bucket, so "tighter clusters" is a number.
@@ -66,8 +69,9 @@ def token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
 
 
 def gradcam(model, params, images, target: Callable | None = None) -> tuple[np.ndarray, dict]:
-  """-> (maps (B, gh, gw) >= 0, unnormalised; out). target(score, out) -> (B,) defaults to the
-  score. Tokens (B, T, D) lose leading class/register tokens to fit the patch grid."""
+  """-> (maps (B, gh, gw) >= 0, unnormalised; out, with the model's 'score'). target(score, out)
+  -> (B,) defaults to the score. Tokens (B, T, D) lose leading class/register tokens to fit the
+  patch grid."""
   target = target or (lambda score, out: score)
   module_path = _encoded_module(model, params, images[:1])
   encoded_shape = jax.eval_shape(lambda: model.apply({"params": params}, images)[1]["encoded"])
@@ -86,7 +90,7 @@ def gradcam(model, params, images, target: Callable | None = None) -> tuple[np.n
 
     with nn.intercept_methods(add_delta):
       score, out = model.apply({"params": params}, images)
-    return target(score, out).sum(), (acts["a"], out)
+    return target(score, out).sum(), (acts["a"], {**out, "score": score})
 
   delta = jnp.zeros(encoded_shape.shape, jnp.float32)
   grads, (acts, out) = jax.grad(objective, has_aux=True)(delta)
@@ -141,30 +145,31 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
   return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
 
 
+def _model_inputs(loaded, paths: Sequence[str]) -> list[tuple[jax.Array, np.ndarray]]:
+  """[(the model's input (1, ...) by the run's pp, the image as shown (H, W, 3) uint8)]."""
+  from iqa_jax.data import pp
+  config, prep = loaded.info["config"], loaded.info["preprocessing"]
+  load = pp.get_preprocess_fn(loaded.pp_str)
+  show = pp.get_preprocess_fn(f"decode|resize({config['data']['image_size'] or prep['size']})")
+  return [(jnp.asarray(load({"path": p})["image"][None]), show({"path": p})["image"])
+          for p in paths]
+
+
 def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
                    groups: Sequence[str] = (), which: str = "best") -> list[Path]:
   """Overlay PNGs for each image: one panel for the score, one per feature band."""
-  import ml_collections
-
-  from iqa_jax.data import pp
   from iqa_jax.score import load_run
 
   loaded = load_run(workdir, which)
-  config = ml_collections.ConfigDict(loaded.info["config"])
-  model, params, pp_str = loaded.model, loaded.params, loaded.pp_str
-  prep = loaded.info["preprocessing"]
-  load = pp.get_preprocess_fn(pp_str)
-  show = pp.get_preprocess_fn(f"decode|resize({config.data.image_size or prep['size']})")
+  model, params = loaded.model, loaded.params
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   targets = [("score", None)] + [(g, band_target(g)) for g in groups]
   written = []
-  for path in paths:
-    x = load({"path": path})["image"][None]
-    image = show({"path": path})["image"]
+  for path, (x, image) in zip(paths, _model_inputs(loaded, paths), strict=True):
     panels = []
     for name, target in targets:
-      maps, out = gradcam(model, params, jnp.asarray(x), target)
+      maps, out = gradcam(model, params, x, target)
       panels.append((name, overlay(image, np.asarray(maps[0])), float(out["feature"].shape[-1])))
     fig = Figure(figsize=(2.2 * (len(panels) + 1), 2.4), layout="constrained")
     axes = fig.subplots(1, len(panels) + 1)
@@ -179,6 +184,49 @@ def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
     fig.savefig(dest, dpi=80)
     written.append(dest)
   return written
+
+
+def over_training(workdir: str, paths: Sequence[str]) -> tuple[list[dict], list[np.ndarray]]:
+  """Grad-CAM of the score with the params kept after each epoch (Figure S6) -> ([{'epoch': n
+  (1-based), 'maps': [(gh, gw) per image], 'scores': [per image]}], the images as shown)."""
+  from iqa_jax import checkpoint
+  from iqa_jax.score import load_run
+  epochs = checkpoint.epoch_numbers(workdir)
+  if not epochs:
+    raise ValueError(f"{Path(workdir) / 'ckpt' / checkpoint.EPOCHS} holds no per-epoch "
+                     "checkpoints: --over-training needs a run trained with "
+                     "--config.keep_epoch_checkpoints=true")
+  loaded = load_run(workdir, "last")
+  inputs = _model_inputs(loaded, paths)
+  rows = []
+  for n in epochs:
+    params = checkpoint.unflatten_into(loaded.params,
+                                       checkpoint.load_params(workdir, checkpoint.EPOCHS, n)[0])
+    cams = [gradcam(loaded.model, params, x) for x, _ in inputs]
+    rows.append({"epoch": n, "maps": [np.asarray(m[0]) for m, _ in cams],
+                 "scores": [float(out["score"][0]) for _, out in cams]})
+  return rows, [image for _, image in inputs]
+
+
+def over_training_figure(workdir: str, paths: Sequence[str], out_dir: str) -> tuple[Path, list]:
+  """One row per kept epoch, one column per image; each cell titled with the epoch and the
+  predicted score. Also writes the scores as gradcam_over_training.csv."""
+  from iqa_jax import run_folder
+  rows, images = over_training(workdir, paths)
+  fig = Figure(figsize=(1.6 * len(paths), 1.75 * len(rows)), layout="constrained")
+  axes = fig.subplots(len(rows), len(paths), squeeze=False)
+  table = []
+  for r, row in enumerate(rows):
+    for c, (path, image) in enumerate(zip(paths, images, strict=True)):
+      axes[r, c].imshow(overlay(image, row["maps"][c]))
+      axes[r, c].set_title(f"epoch {row['epoch']} · {row['scores'][c]:.3f}", fontsize=7)
+      axes[r, c].axis("off")
+      table.append([row["epoch"], path, f"{row['scores'][c]:.6f}"])
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out / "gradcam_over_training.png", dpi=80)
+  run_folder.write_csv(out / "gradcam_over_training.csv", ("epoch", "path", "score"), table)
+  return out / "gradcam_over_training.png", rows
 
 
 # ---------------------------------------------------------------------------------- t-SNE
@@ -288,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   g.add_argument("--out", required=True)
   g.add_argument("--groups", default="", help="feature bands, e.g. top10,top50,10-30")
   g.add_argument("--which", default="best", choices=("best", "last"))
+  g.add_argument("--over-training", action="store_true",
+                 help="one row per epoch kept by --config.keep_epoch_checkpoints (Figure S6)")
   g.add_argument("images", nargs="+", help="files, folders, globs or @list.txt")
   t = sub.add_parser("tsne", help="t-SNE of encoder feature and head layers, with silhouettes")
   t.add_argument("--workdir", required=True, help="RUN or RUN1,RUN2,...")
@@ -305,8 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       missing = [p for p in paths if not Path(p).is_file()]
       if missing or not paths:
         raise FileNotFoundError(f"image not found: {missing[0] if missing else a.images[0]}")
-      for p in gradcam_images(a.workdir, paths, a.out, groups, a.which):
-        print(f"png: {p}")
+      if a.over_training:
+        if groups:
+          raise ValueError("--over-training maps the score only; drop --groups")
+        png, rows = over_training_figure(a.workdir, paths, a.out)
+        print("| epoch | " + " | ".join(Path(p).name for p in paths) + " |\n|---|"
+              + "---|" * len(paths))
+        for row in rows:
+          print(f"| {row['epoch']} | " + " | ".join(f"{v:.4f}" for v in row["scores"]) + " |")
+        print(f"png: {png}")
+      else:
+        for p in gradcam_images(a.workdir, paths, a.out, groups, a.which):
+          print(f"png: {p}")
     else:
       png, rows = tsne_figure(a.workdir.split(","), a.out, a.per_split, a.seed)
       print("| run | split | stage | n | silhouette |\n|---|---|---|---|---|")

@@ -165,6 +165,8 @@ def end_epoch(epoch: int, state: TrainState, step_metrics: list, t0: float, prog
   ckpt.save(state, labels, "last", {"epoch": epoch, "best": progress.best})
   if improved:
     ckpt.save(state, labels, "best", {"epoch": epoch, "best": progress.best})
+  if config.get("keep_epoch_checkpoints"):
+    ckpt.save_epoch(state, labels, epoch)
   _log(f"epoch {epoch + 1:3d}/{optim.epochs}  loss {entry['train_loss']:.4f}  "
        f"val SRCC {val['srcc']:.4f}  PLCC {val['plcc']:.4f}  "
        f"{entry['train_img_per_s']:.1f} img/s  {entry['time_s']:.1f}s"

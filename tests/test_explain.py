@@ -117,3 +117,82 @@ def test_tsne_silhouette_on_known_clusters_matches_sklearn():
   _, mixed = explain.tsne_panel(x, rs.permutation(labels))
   assert abs(mixed) < 0.1  # labels unrelated to the clusters: no structure
   assert explain.quality_bucket([0, 0.19, 0.2, 0.5, 0.99, 1.0]).tolist() == [0, 0, 1, 2, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def epoch_run(tiny_demo_dir, tmp_path_factory):
+  """(config, workdir) of a 2-epoch tiny demo run that keeps every epoch's params."""
+  from iqa_jax import train
+  workdir = tmp_path_factory.mktemp("epoch_run")
+  config = tiny_demo_config(tiny_demo_dir, keep_epoch_checkpoints=True)
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+def test_epoch_checkpoints_hold_each_epochs_params(epoch_run):
+  """Epoch 2's params are ckpt/last's; epoch 1's give back the validation SRCC / PLCC the log
+  recorded after epoch 1 (so they are the params of that moment, not a copy of the last)."""
+  from iqa_jax import checkpoint, metrics, train
+  from iqa_jax.data import datasets, pipeline
+  from iqa_jax.score import load_run
+  from iqa_jax.steps import make_eval_step
+  config, workdir = epoch_run
+  assert checkpoint.epoch_numbers(workdir) == [1, 2]
+  last, _ = checkpoint.load_params(workdir, "last")
+  second, meta = checkpoint.load_params(workdir, checkpoint.EPOCHS, 2)
+  assert meta["epoch"] == 1 and sorted(second) == sorted(last)
+  for k in last:
+    np.testing.assert_array_equal(second[k], last[k])
+  first, _ = checkpoint.load_params(workdir, checkpoint.EPOCHS, 1)
+  assert any(not np.array_equal(first[k], last[k]) for k in last)
+  loaded = load_run(str(workdir), "last")
+  params = checkpoint.unflatten_into(loaded.params, first)
+  val = datasets.load_splits(workdir)["val"]
+  loader = pipeline.make_eval_loader(val, loaded.pp_str, config.eval_batch_size)
+  scores = train.predict(jax.jit(make_eval_step(loaded.model)), params, loader)
+  got = metrics.compute_metrics(scores, [r.mos for r in val])
+  logged = checkpoint.read_history(workdir)[0]["val"]
+  assert got["srcc"] == pytest.approx(logged["srcc"], abs=1e-6)
+  assert got["plcc"] == pytest.approx(logged["plcc"], abs=1e-6)
+
+
+def test_gradcam_over_training_cells_are_each_epochs_gradcam(epoch_run, tmp_path):
+  """Cell (epoch k, image i) = gradcam() of a freshly built model with epoch k's params on
+  image i, and its title's score that model's score; the CSV holds the same scores."""
+  import csv
+
+  from iqa_jax import checkpoint
+  from iqa_jax.data import pp
+  from iqa_jax.models.model import create_model
+  config, workdir = epoch_run
+  # One tile with white noise and JPEG at their strongest level.
+  paths = [f"{config.data.dir}/images/I01_0{d}_05_c01.png" for d in (2, 3)]
+  png, rows = explain.over_training_figure(str(workdir), paths, str(tmp_path))
+  assert png.stat().st_size > 0 and [r["epoch"] for r in rows] == [1, 2]
+  model, fresh, prep = create_model(config)
+  load = pp.get_preprocess_fn(pp.run_pp(config.data, prep))
+  for row in rows:
+    params = checkpoint.unflatten_into(
+        fresh, checkpoint.load_params(workdir, checkpoint.EPOCHS, row["epoch"])[0])
+    for i, path in enumerate(paths):
+      x = jnp.asarray(load({"path": path})["image"][None])
+      want, out = explain.gradcam(model, params, x)
+      np.testing.assert_allclose(row["maps"][i], want[0], rtol=1e-5, atol=1e-7)
+      score, _ = model.apply({"params": params}, x)
+      assert row["scores"][i] == pytest.approx(float(score[0]), abs=1e-6)
+  assert not np.allclose(rows[0]["maps"][0], rows[1]["maps"][0])  # training moved the map
+  with open(tmp_path / "gradcam_over_training.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [(int(r["epoch"]), r["path"]) for r in table] == [(e, p) for e in (1, 2) for p in paths]
+  np.testing.assert_allclose([float(r["score"]) for r in table],
+                             [s for r in rows for s in r["scores"]], atol=1e-6)
+
+
+def test_over_training_without_epoch_checkpoints_names_the_field(trained_run, tiny_demo_dir,
+                                                                 capsys):
+  _, workdir, _ = trained_run
+  image = str(sorted((tiny_demo_dir / "images").glob("*.png"))[0])
+  assert explain.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
+                       "--over-training", image]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--config.keep_epoch_checkpoints=true" in err
