@@ -5,6 +5,8 @@ Table 4 (feature masking by magnitude), S3 (dropout), S1 (frozen / LoRA / full f
 rank) and S5 (Perception Encoder tap layer). Each run's ablation setting is read from its own
 `config.json`, so one matrix per setting (`--config.model.feature_keep_percentile=70 --out
 runs/mask70`) and a report over all of them (`report runs/mask*/results.jsonl --table 4`).
+A sweep figure (`--figure S4|S5`) prints and writes the table behind it too, with the change
+from the paper's setting (rank 4, block 20) as Δ columns.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from iqa_jax import report
+from iqa_jax.run_folder import HISTORY, read_jsonl
 
 # Table 4 / S3 group the datasets: synthetic distortions and AI-generated images vs in the wild.
 SYNTHETIC = ("agiqa1k", "agiqa3k", "kadid10k", "demo")
@@ -60,7 +63,8 @@ def published_table5() -> list[tuple[str, str, list[float]]]:
 
 
 def load_runs(results: Sequence[str | Path]) -> list[dict]:
-  """Run rows of one or more results.jsonl, each with its run folder's config as '_config'."""
+  """Run rows of one or more results.jsonl, each with its run folder's config as '_config' and
+  its per-epoch log as '_history'."""
   rows = []
   for path in results:
     path = Path(path)
@@ -68,8 +72,10 @@ def load_runs(results: Sequence[str | Path]) -> list[dict]:
     for row in report.load_rows(path):
       if row.get("kind", "run") != "run":
         continue
-      cfg = root / row.get("workdir", "") / "config.json"
-      row = dict(row, _config=json.loads(cfg.read_text()) if cfg.is_file() else {})
+      workdir = root / row.get("workdir", "")
+      cfg = workdir / "config.json"
+      row = dict(row, _config=json.loads(cfg.read_text()) if cfg.is_file() else {},
+                 _history=read_jsonl(workdir / HISTORY) if row.get("workdir") else [])
       rows.append(row)
   return rows
 
@@ -203,15 +209,31 @@ def compute_table(rows: list[dict]) -> report.Table:
 
 
 SWEEP_AXIS = {"S4": "LoRA rank", "S5": "Perception Encoder layer"}
+# The paper's choices (App. B): rank 4 (Fig. S4) and PE block 20 (Fig. S5); the Δ columns of a
+# sweep's table are changes from these (from the deepest tap / largest rank when not swept).
+SWEEP_REFERENCE = {"S4": 4, "S5": 20}
+
+
+def _pe_depth(row: dict) -> int:
+  """Blocks of a PE run's tower (its variant with config.model.arch), to place tap -1 etc."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from iqa_jax.models import pe, tower  # pylint: disable=g-import-not-at-top
+  model = ml_collections.ConfigDict(row["_config"].get("model", {}))
+  return tower.variant_config(model, pe.VARIANTS, "vit_pe_core_large_patch14_336").depth
 
 
 def sweep_x(row: dict, figure: str) -> int | None:
-  """A run's place on Figure S4's axis (LoRA rank; LoRA runs only) or S5's (PE tap layer)."""
+  """A run's place on Figure S4's axis (LoRA rank; LoRA runs only) or S5's (PE tap layer,
+  0-based; a negative tap counts from the last block, as config.model.tap_layer does)."""
   if figure == "S4":
     if _model_field(row, "finetune", "lora") != "lora":
       return None
     return int(_model_field(row, "lora", {}).get("rank", 4))
-  return None if row.get("backbone") != "pe" else int(_model_field(row, "tap_layer", 20))
+  if row.get("backbone") != "pe":
+    return None
+  tap = int(_model_field(row, "tap_layer", 20))
+  return tap % _pe_depth(row) if tap < 0 else tap
 
 
 def sweep_points(rows: list[dict], figure: str) -> dict:
@@ -235,12 +257,56 @@ def sweep_points(rows: list[dict], figure: str) -> dict:
   return points
 
 
+def sweep_table(rows: list[dict], figure: str) -> report.Table:
+  """The numbers behind Figure S4 / S5: per dataset, head and setting, best SRCC / PLCC (mean
+  and std over seeds) and the change from the paper's setting (rank 4, layer 20), or from the
+  largest swept value when the paper's is not in the sweep."""
+  points = sweep_points(rows, figure)
+  axis = SWEEP_AXIS[figure]
+  columns = ["Dataset", "Head", axis, "Seeds", "SRCC", "SRCC std", "PLCC", "PLCC std",
+             "Δ from", "Δ SRCC", "Δ PLCC"]
+  body = []
+  for (dataset, head, m), line in points.items():
+    if m != "srcc":
+      continue
+    plcc = {x: (mean, std) for x, mean, std, _ in points[(dataset, head, "plcc")]}
+    srcc = {x: (mean, std, n) for x, mean, std, n in line}
+    ref = SWEEP_REFERENCE[figure] if SWEEP_REFERENCE[figure] in srcc else max(srcc)
+    for x, (mean, std, n) in srcc.items():
+      body.append([dataset, HEAD_NAME.get(head, report.act_pair(head)), str(x), str(n), mean,
+                   std, plcc[x][0], plcc[x][1], str(ref), mean - srcc[ref][0],
+                   plcc[x][0] - plcc[ref][0]])
+  title = {"S4": "Figure S4: LoRA rank", "S5": "Figure S5: Perception Encoder tap layer "
+           "(0-based block)"}[figure]
+  return report.Table(f"{title}; best validation SRCC / PLCC (raw), mean and std (ddof=1) over "
+                      f"seeds; Δ: change from the {axis.lower()} in 'Δ from' (the paper's "
+                      f"{SWEEP_REFERENCE[figure]} when swept, else the largest).", columns, body,
+                      digits=4)
+
+
+def _val_curves(rows: list[dict], figure: str) -> dict:
+  """{(dataset, head, x): validation SRCC per epoch, mean over seeds} from the runs' history."""
+  curves: dict = {}
+  for r in rows:
+    x = sweep_x(r, figure)
+    history = r.get("_history") or []
+    if x is None or r.get("status") != "done" or not history:
+      continue
+    curves.setdefault((r["dataset"], r["head"], x), []).append(
+        [h["val"]["srcc"] for h in history])
+  return {k: np.mean([c[:min(map(len, v))] for c in v], axis=0) for k, v in curves.items()}
+
+
 def sweep_figure(rows: list[dict], figure: str, path: str | Path) -> Path:
   """Figure S4 (best SRCC / PLCC vs LoRA rank) or S5 (vs Perception Encoder tap layer):
-  mean over seeds with the standard deviation as error bars, one line per dataset and head."""
+  mean over seeds with the standard deviation as error bars, one line per dataset and head;
+  a third panel shows validation SRCC per epoch for each setting (Fig. S4's "rank 4
+  converges faster")."""
   points = sweep_points(rows, figure)
-  fig = Figure(figsize=(10, 4), layout="constrained")
-  axes = dict(zip(("srcc", "plcc"), fig.subplots(1, 2), strict=True))
+  curves = _val_curves(rows, figure)
+  fig = Figure(figsize=(13 if curves else 9, 3.6), layout="constrained")
+  panels = fig.subplots(1, 3 if curves else 2)
+  axes = dict(zip(("srcc", "plcc"), panels[:2], strict=True))
   for (dataset, head, m), line in points.items():
     xs, means, stds, _ = zip(*line, strict=True)
     axes[m].errorbar(xs, means, yerr=stds, marker="o", capsize=3,
@@ -248,12 +314,21 @@ def sweep_figure(rows: list[dict], figure: str, path: str | Path) -> Path:
   for m, ax in axes.items():
     ax.set(xlabel=SWEEP_AXIS[figure], ylabel=f"best validation {m.upper()}",
            title=f"{m.upper()} vs {SWEEP_AXIS[figure]}")
+    ax.set_xticks(sorted({x for line in points.values() for x, *_ in line}))
+    ax.legend(fontsize=7)
+  if curves:
+    ax = panels[2]
+    for (dataset, head, x), srcc in sorted(curves.items(), key=lambda kv: kv[0][2]):
+      ax.plot(np.arange(1, len(srcc) + 1), srcc, marker=".",
+              label=f"{x}" + (f" ({dataset} {HEAD_NAME.get(head, head)})"
+                              if len({k[:2] for k in curves}) > 1 else ""))
+    ax.set(xlabel="epoch", ylabel="validation SRCC", title="validation SRCC per epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
+    ax.legend(title=SWEEP_AXIS[figure], fontsize=7, title_fontsize=7)
   fig.suptitle({"S4": "Figure S4: LoRA rank ablation",
                 "S5": "Figure S5: Perception Encoder layer ablation"}[figure])
   Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=80)
   return Path(path)
 
 

@@ -1,7 +1,7 @@
 """Where a score comes from (Grad-CAM) and how the heads arrange images (t-SNE).
 
   python -m iqa_jax.explain gradcam --workdir RUN --out DIR IMAGES... [--groups top10,top50]
-  python -m iqa_jax.explain gradcam --workdir RUN --out DIR --over-training IMAGES...
+  python -m iqa_jax.explain gradcam --workdir RUN --out DIR --over-training [--epochs 1,4] IMAGES...
   python -m iqa_jax.explain tsne --workdir RUN[,RUN...] --out DIR [--per-split 400]
 
 Grad-CAM (Figures 1, 5, S8-S11) is taken on the tokens the backbone reports as `encoded` (the
@@ -186,16 +186,23 @@ def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
   return written
 
 
-def over_training(workdir: str, paths: Sequence[str]) -> tuple[list[dict], list[np.ndarray]]:
-  """Grad-CAM of the score with the params kept after each epoch (Figure S6) -> ([{'epoch': n
-  (1-based), 'maps': [(gh, gw) per image], 'scores': [per image]}], the images as shown)."""
+def over_training(workdir: str, paths: Sequence[str], epochs: Sequence[int] = ()
+                  ) -> tuple[list[dict], list[np.ndarray]]:
+  """Grad-CAM of the score with the params kept after each epoch (Figure S6), or after the
+  given 1-based `epochs` -> ([{'epoch': n, 'maps': [(gh, gw) per image], 'scores': [per
+  image]}], the images as shown)."""
   from iqa_jax import checkpoint
   from iqa_jax.score import load_run
-  epochs = checkpoint.epoch_numbers(workdir)
-  if not epochs:
-    raise ValueError(f"{Path(workdir) / 'ckpt' / checkpoint.EPOCHS} holds no per-epoch "
-                     "checkpoints: --over-training needs a run trained with "
-                     "--config.keep_epoch_checkpoints=true")
+  kept = checkpoint.epoch_numbers(workdir)
+  folder = Path(workdir) / "ckpt" / checkpoint.EPOCHS
+  if not kept:
+    raise ValueError(f"{folder} holds no per-epoch checkpoints: --over-training needs a run "
+                     "trained with --config.keep_epoch_checkpoints=true")
+  missing = sorted(set(epochs) - set(kept))
+  if missing:
+    raise ValueError(f"--epochs {','.join(map(str, missing))}: {folder} keeps epochs "
+                     f"{','.join(map(str, kept))}")
+  epochs = sorted(set(epochs)) or kept
   loaded = load_run(workdir, "last")
   inputs = _model_inputs(loaded, paths)
   rows = []
@@ -208,11 +215,12 @@ def over_training(workdir: str, paths: Sequence[str]) -> tuple[list[dict], list[
   return rows, [image for _, image in inputs]
 
 
-def over_training_figure(workdir: str, paths: Sequence[str], out_dir: str) -> tuple[Path, list]:
-  """One row per kept epoch, one column per image; each cell titled with the epoch and the
-  predicted score. Also writes the scores as gradcam_over_training.csv."""
+def over_training_figure(workdir: str, paths: Sequence[str], out_dir: str,
+                         epochs: Sequence[int] = ()) -> tuple[Path, list]:
+  """One row per kept epoch (or per one of `epochs`), one column per image; each cell titled
+  with the epoch and the predicted score. Also writes the scores as gradcam_over_training.csv."""
   from iqa_jax import run_folder
-  rows, images = over_training(workdir, paths)
+  rows, images = over_training(workdir, paths, epochs)
   fig = Figure(figsize=(1.6 * len(paths), 1.75 * len(rows)), layout="constrained")
   axes = fig.subplots(len(rows), len(paths), squeeze=False)
   table = []
@@ -338,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   g.add_argument("--which", default="best", choices=("best", "last"))
   g.add_argument("--over-training", action="store_true",
                  help="one row per epoch kept by --config.keep_epoch_checkpoints (Figure S6)")
+  g.add_argument("--epochs", default="", help="with --over-training: the 1-based epochs to "
+                 "draw, e.g. 1,4,12 (default: every kept epoch)")
   g.add_argument("images", nargs="+", help="files, folders, globs or @list.txt")
   t = sub.add_parser("tsne", help="t-SNE of encoder feature and head layers, with silhouettes")
   t.add_argument("--workdir", required=True, help="RUN or RUN1,RUN2,...")
@@ -358,7 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       if a.over_training:
         if groups:
           raise ValueError("--over-training maps the score only; drop --groups")
-        png, rows = over_training_figure(a.workdir, paths, a.out)
+        try:
+          epochs = [int(e) for e in a.epochs.split(",") if e]
+        except ValueError:
+          raise ValueError(f"--epochs {a.epochs!r}: use 1-based epoch numbers, e.g. 1,4,12"
+                           ) from None
+        png, rows = over_training_figure(a.workdir, paths, a.out, epochs)
         print("| epoch | " + " | ".join(Path(p).name for p in paths) + " |\n|---|"
               + "---|" * len(paths))
         for row in rows:

@@ -269,18 +269,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="Figure S4 (LoRA rank) or S5 (PE layer) as a PNG instead of a table")
   ap.add_argument("--which", default="best", choices=("best", "final", "test"),
                   help="best epoch (the paper's 'mean best SRCC'), final epoch or test split")
-  ap.add_argument("--csv", default=None, help="CSV path (default: tables/table<ID>.csv beside "
-                  "the results)")
+  ap.add_argument("--csv", default=None, help="CSV path (default: tables/table<ID>.csv, or "
+                  "figure<ID>.csv for the table behind a --figure, beside the results)")
   a = ap.parse_args(argv)
   folder = Path(a.results[0]) if Path(a.results[0]).is_dir() else Path(a.results[0]).parent
   try:
     if a.figure or a.table in analyses.ANALYSIS_TABLES:  # tables read each run's config.json
-      if a.figure:
-        path = analyses.sweep_figure(analyses.load_runs(a.results), a.figure,
-                                     folder / "tables" / f"figure{a.figure}.png")
-        print(f"png: {path}")
-        return 0
-      t = analyses.make_analysis_table(a.results, a.table)
+      if a.figure:  # the plot, and the table behind it
+        runs = analyses.load_runs(a.results)
+        t = analyses.sweep_table(runs, a.figure)
+        png = analyses.sweep_figure(runs, a.figure, folder / "tables" / f"figure{a.figure}.png")
+        print(f"png: {png}")
+      else:
+        t = analyses.make_analysis_table(a.results, a.table)
     else:
       t = make_table([row for r in a.results for row in load_rows(r)], a.table, a.which)
   except (FileNotFoundError, ValueError) as e:
@@ -288,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(to_markdown(t))
   suffix = "" if a.which == "best" else f"_{a.which}"
-  path = write_csv(t, a.csv or folder / "tables" / f"table{a.table}{suffix}.csv")
+  name = f"figure{a.figure}" if a.figure else f"table{a.table}{suffix}"
+  path = write_csv(t, a.csv or folder / "tables" / f"{name}.csv")
   print(f"csv: {path}")
   return 0
 

@@ -161,3 +161,51 @@ def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(
   assert [r[1:] for r in t.rows] == [["Frozen", .80, .86], ["LoRA (r=4)", .85, .84],
                                      ["Full FT", .90, .92]]
   assert t.bold == {(1, 2), (0, 3)}  # full FT is shown but not in the frozen-vs-LoRA bolding
+
+
+@pytest.mark.parametrize("figure", ["S4", "S5"])
+def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, capsys):
+  """Two real one-epoch runs per sweep through the run matrix (LoRA rank 2 and 4; PE tapped at
+  blocks 0 and 1 of 2, the second as tap -1): the report's table behind the figure holds each
+  run's results.json best SRCC / PLCC, and Δ is the change from rank 4 / the deepest tap."""
+  import csv
+  import json
+
+  from iqa_jax import analyses, experiments, report
+  from iqa_jax.run_folder import read_jsonl
+  settings = [2, 4] if figure == "S4" else [0, -1]
+  results = []
+  for value in settings:
+    c = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1})
+    if figure == "S4":
+      c.model.finetune = "lora"
+      c.model.lora.rank = value
+    else:
+      c.model.update(backbone="pe", variant="vit_pe_core_tiny_patch16_384", tap_layer=value)
+      c.model.arch = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8,
+                          img_size=32, num_classes=0, ref_feat_shape=(4, 4), attn_pool_num_heads=2)
+    out = tmp_path / f"sweep{value}"
+    experiments.run_matrix(c, ["demo"], [8], ["gated"], out, plots=False, compile_cache=None)
+    results.append(out / "results.jsonl")
+  assert report.main([str(r) for r in results] + ["--figure", figure]) == 0
+  printed = capsys.readouterr().out
+  assert f"png: {results[0].parent / 'tables' / f'figure{figure}.png'}" in printed
+  with open(results[0].parent / "tables" / f"figure{figure}.csv") as f:
+    table = list(csv.DictReader(f))
+  want = []
+  for value, path in zip(settings, results, strict=True):
+    run = json.loads((path.parent / "runs/demo/gated/seed8/results.json").read_text())
+    want.append((str(value if value >= 0 else 1), run["best"]["srcc"], run["best"]["plcc"]))
+  axis = analyses.SWEEP_AXIS[figure]
+  assert [r[axis] for r in table] == [x for x, _, _ in want]
+  for row, (_, srcc, plcc) in zip(table, want, strict=True):
+    assert float(row["SRCC"]) == pytest.approx(srcc, abs=1e-6)
+    assert float(row["PLCC"]) == pytest.approx(plcc, abs=1e-6)
+    assert row["Δ from"] == want[1][0] and row["Seeds"] == "1"
+    assert float(row["Δ SRCC"]) == pytest.approx(srcc - want[1][1], abs=2e-6)
+    assert float(row["Δ PLCC"]) == pytest.approx(plcc - want[1][2], abs=2e-6)
+  curves = analyses._val_curves(analyses.load_runs(results), figure)
+  for (x, _, _), path in zip(want, results, strict=True):
+    history = read_jsonl(path.parent / "runs/demo/gated/seed8/history.jsonl")
+    np.testing.assert_array_equal(curves[("demo", "gated", int(x))],
+                                  [h["val"]["srcc"] for h in history])

@@ -167,7 +167,7 @@ def test_gradcam_over_training_cells_are_each_epochs_gradcam(epoch_run, tmp_path
   config, workdir = epoch_run
   # One tile with white noise and JPEG at their strongest level.
   paths = [f"{config.data.dir}/images/I01_0{d}_05_c01.png" for d in (2, 3)]
-  png, rows = explain.over_training_figure(str(workdir), paths, str(tmp_path))
+  png, rows = explain.over_training_figure(str(workdir), paths, str(tmp_path), epochs=[2, 1])
   assert png.stat().st_size > 0 and [r["epoch"] for r in rows] == [1, 2]
   model, fresh, prep = create_model(config)
   load = pp.get_preprocess_fn(pp.run_pp(config.data, prep))
@@ -196,3 +196,12 @@ def test_over_training_without_epoch_checkpoints_names_the_field(trained_run, ti
                        "--over-training", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--config.keep_epoch_checkpoints=true" in err
+
+
+def test_over_training_refuses_an_epoch_the_run_did_not_keep(epoch_run, capsys):
+  config, workdir = epoch_run
+  image = f"{config.data.dir}/images/I01_01_05_c01.png"
+  assert explain.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
+                       "--over-training", "--epochs", "1,3", image]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--epochs 3:" in err and "keeps epochs 1,2" in err
