@@ -107,8 +107,9 @@ def tiny_demo_config(data_dir, **overrides):
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_demo_dir, tmp_path_factory):
-  """(config, workdir, results) of a 2-epoch run of the tiny demo config, shared by tests."""
+  """(config, workdir, results) of a 2-epoch run of the tiny demo config, shared by tests; it
+  keeps each epoch's params (ckpt/epochs/1, 2) for Grad-CAM over training."""
   from iqa_jax import train
   workdir = tmp_path_factory.mktemp("run")
-  config = tiny_demo_config(tiny_demo_dir)
+  config = tiny_demo_config(tiny_demo_dir, keep_epoch_checkpoints=True)
   return config, workdir, train.train_and_evaluate(config, str(workdir))

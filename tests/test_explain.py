@@ -119,24 +119,14 @@ def test_tsne_silhouette_on_known_clusters_matches_sklearn():
   assert explain.quality_bucket([0, 0.19, 0.2, 0.5, 0.99, 1.0]).tolist() == [0, 0, 1, 2, 4, 4]
 
 
-@pytest.fixture(scope="module")
-def epoch_run(tiny_demo_dir, tmp_path_factory):
-  """(config, workdir) of a 2-epoch tiny demo run that keeps every epoch's params."""
-  from iqa_jax import train
-  workdir = tmp_path_factory.mktemp("epoch_run")
-  config = tiny_demo_config(tiny_demo_dir, keep_epoch_checkpoints=True)
-  train.train_and_evaluate(config, str(workdir))
-  return config, workdir
-
-
-def test_epoch_checkpoints_hold_each_epochs_params(epoch_run):
+def test_epoch_checkpoints_hold_each_epochs_params(trained_run):
   """Epoch 2's params are ckpt/last's; epoch 1's give back the validation SRCC / PLCC the log
   recorded after epoch 1 (so they are the params of that moment, not a copy of the last)."""
   from iqa_jax import checkpoint, metrics, train
   from iqa_jax.data import datasets, pipeline
   from iqa_jax.score import load_run
   from iqa_jax.steps import make_eval_step
-  config, workdir = epoch_run
+  config, workdir, _ = trained_run
   assert checkpoint.epoch_numbers(workdir) == [1, 2]
   last, _ = checkpoint.load_params(workdir, "last")
   second, meta = checkpoint.load_params(workdir, checkpoint.EPOCHS, 2)
@@ -156,7 +146,7 @@ def test_epoch_checkpoints_hold_each_epochs_params(epoch_run):
   assert got["plcc"] == pytest.approx(logged["plcc"], abs=1e-6)
 
 
-def test_gradcam_over_training_cells_are_each_epochs_gradcam(epoch_run, tmp_path):
+def test_gradcam_over_training_cells_are_each_epochs_gradcam(trained_run, tmp_path):
   """Cell (epoch k, image i) = gradcam() of a freshly built model with epoch k's params on
   image i, and its title's score that model's score; the CSV holds the same scores."""
   import csv
@@ -164,7 +154,7 @@ def test_gradcam_over_training_cells_are_each_epochs_gradcam(epoch_run, tmp_path
   from iqa_jax import checkpoint
   from iqa_jax.data import pp
   from iqa_jax.models.model import create_model
-  config, workdir = epoch_run
+  config, workdir, _ = trained_run
   # One tile with white noise and JPEG at their strongest level.
   paths = [f"{config.data.dir}/images/I01_0{d}_05_c01.png" for d in (2, 3)]
   png, rows = explain.over_training_figure(str(workdir), paths, str(tmp_path), epochs=[2, 1])
@@ -188,18 +178,18 @@ def test_gradcam_over_training_cells_are_each_epochs_gradcam(epoch_run, tmp_path
                              [s for r in rows for s in r["scores"]], atol=1e-6)
 
 
-def test_over_training_without_epoch_checkpoints_names_the_field(trained_run, tiny_demo_dir,
+def test_over_training_without_epoch_checkpoints_names_the_field(tiny_demo_dir, tmp_path,
                                                                  capsys):
-  _, workdir, _ = trained_run
+  """Checked before anything loads: a folder without ckpt/epochs (here an empty one)."""
   image = str(sorted((tiny_demo_dir / "images").glob("*.png"))[0])
-  assert explain.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
+  assert explain.main(["gradcam", "--workdir", str(tmp_path), "--out", str(tmp_path / "x"),
                        "--over-training", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--config.keep_epoch_checkpoints=true" in err
 
 
-def test_over_training_refuses_an_epoch_the_run_did_not_keep(epoch_run, capsys):
-  config, workdir = epoch_run
+def test_over_training_refuses_an_epoch_the_run_did_not_keep(trained_run, capsys):
+  config, workdir, _ = trained_run
   image = f"{config.data.dir}/images/I01_01_05_c01.png"
   assert explain.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
                        "--over-training", "--epochs", "1,3", image]) == 2
