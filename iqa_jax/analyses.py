@@ -273,15 +273,15 @@ def sweep_table(rows: list[dict], figure: str) -> report.Table:
     srcc = {x: (mean, std, n) for x, mean, std, n in line}
     ref = SWEEP_REFERENCE[figure] if SWEEP_REFERENCE[figure] in srcc else max(srcc)
     for x, (mean, std, n) in srcc.items():
+      spread = (std, plcc[x][1]) if n > 1 else (math.nan, math.nan)  # "—": one seed, no std
       body.append([dataset, HEAD_NAME.get(head, report.act_pair(head)), str(x), str(n), mean,
-                   std, plcc[x][0], plcc[x][1], str(ref), mean - srcc[ref][0],
+                   spread[0], plcc[x][0], spread[1], str(ref), mean - srcc[ref][0],
                    plcc[x][0] - plcc[ref][0]])
-  title = {"S4": "Figure S4: LoRA rank", "S5": "Figure S5: Perception Encoder tap layer "
-           "(0-based block)"}[figure]
+  title, what = {"S4": ("Figure S4: LoRA rank", "rank"),
+                 "S5": ("Figure S5: Perception Encoder tap layer (0-based block)", "layer")}[figure]
   return report.Table(f"{title}; best validation SRCC / PLCC (raw), mean and std (ddof=1) over "
-                      f"seeds; Δ: change from the {axis.lower()} in 'Δ from' (the paper's "
-                      f"{SWEEP_REFERENCE[figure]} when swept, else the largest).", columns, body,
-                      digits=4)
+                      f"seeds; Δ: change from the {what} in 'Δ from' (the paper's "
+                      f"{SWEEP_REFERENCE[figure]} when swept, else the largest).", columns, body)
 
 
 def _val_curves(rows: list[dict], figure: str) -> dict:
@@ -314,7 +314,11 @@ def sweep_figure(rows: list[dict], figure: str, path: str | Path) -> Path:
   for m, ax in axes.items():
     ax.set(xlabel=SWEEP_AXIS[figure], ylabel=f"best validation {m.upper()}",
            title=f"{m.upper()} vs {SWEEP_AXIS[figure]}")
-    ax.set_xticks(sorted({x for line in points.values() for x, *_ in line}))
+    if figure == "S4":  # ranks double from one setting to the next
+      ax.set_xscale("log", base=2)
+    ticks = sorted({x for line in points.values() for x, *_ in line})
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
   if curves:
     ax = panels[2]
