@@ -163,7 +163,8 @@ def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(
   assert t.bold == {(1, 2), (0, 3)}  # full FT is shown but not in the frozen-vs-LoRA bolding
 
 
-@pytest.mark.parametrize("figure", ["S4", "S5"])
+# Each case trains and compiles two tiny runs; S5 (two PE towers) is the slower one.
+@pytest.mark.parametrize("figure", ["S4", pytest.param("S5", marks=pytest.mark.slow)])
 def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, capsys):
   """Two real one-epoch runs per sweep through the run matrix (LoRA rank 2 and 4; PE tapped at
   blocks 0 and 1 of 2, the second as tap -1): the report's table behind the figure holds each
