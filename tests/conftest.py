@@ -7,6 +7,33 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """XLA programs cached on disk for this pytest session only (a fresh folder each run): a test
+  that compiles a program an earlier test compiled (the same tiny train step in another run
+  folder, a resume after a kill) loads it instead of compiling again. Same programs, same
+  numbers; tests that set their own cache (experiments, config.compilation_cache) still do.
+  IQA_TEST_COMPILE_CACHE=0 turns it off."""
+  if os.environ.get("IQA_TEST_COMPILE_CACHE", "1") == "0":
+    yield None
+    return
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  folder = tmp_path_factory.mktemp("jax_compile_cache")
+  settings = {"jax_compilation_cache_dir": str(folder),
+              "jax_persistent_cache_min_compile_time_secs": 0.2,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  previous = {k: getattr(jax.config, k) for k in settings}
+  compilation_cache.reset_cache()
+  for k, v in settings.items():
+    jax.config.update(k, v)
+  yield folder
+  for k, v in previous.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
 TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    patch_size=8, image_size=32, layer_norm_eps=1e-6)
 
