@@ -44,6 +44,16 @@ def session_compilation_cache(tmp_path_factory):
     yield folder
 
 
+def compile_cache_env(folder) -> dict:
+  """Environment variables that give a subprocess the compilation cache in `folder` (None:
+  none), with the settings `compile_cache` uses."""
+  if folder is None:
+    return {}
+  return {"JAX_COMPILATION_CACHE_DIR": str(folder),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 @pytest.fixture
 def fresh_compiles():
   """No compilation cache in this test: every program it runs is compiled anew."""
