@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random HF models saved to temporary folders."""
+import contextlib
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -6,6 +7,59 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def compile_cache(folder):
+  """jax's persistent compilation cache in `folder` (None: off) while the block runs; the
+  previous settings come back afterwards."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  settings = {"jax_compilation_cache_dir": None if folder is None else str(folder),
+              "jax_persistent_cache_min_compile_time_secs": 0.2,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  previous = {k: getattr(jax.config, k) for k in settings}
+  compilation_cache.reset_cache()  # a cache opened earlier in the process would win otherwise
+  for k, v in settings.items():
+    jax.config.update(k, v)
+  try:
+    yield folder
+  finally:
+    for k, v in previous.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """XLA programs cached on disk for this pytest session only (a fresh folder each run): a test
+  that compiles a program an earlier test compiled (the same tiny train step in another run
+  folder, a resume after a kill) loads it instead of compiling again. Same programs, same
+  numbers; tests that set their own cache (experiments, config.compilation_cache) still do.
+  IQA_TEST_COMPILE_CACHE=0 turns it off."""
+  if os.environ.get("IQA_TEST_COMPILE_CACHE", "1") == "0":
+    yield None
+    return
+  with compile_cache(tmp_path_factory.mktemp("jax_compile_cache")) as folder:
+    yield folder
+
+
+def compile_cache_env(folder) -> dict:
+  """Environment variables that give a subprocess the compilation cache in `folder` (None:
+  none), with the settings `compile_cache` uses."""
+  if folder is None:
+    return {}
+  return {"JAX_COMPILATION_CACHE_DIR": str(folder),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture
+def fresh_compiles():
+  """No compilation cache in this test: every program it runs is compiled anew."""
+  with compile_cache(None):
+    yield
+
 
 TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    patch_size=8, image_size=32, layer_norm_eps=1e-6)

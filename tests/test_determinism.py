@@ -9,7 +9,10 @@ from iqa_jax import checkpoint, train
 RUN_SPECIFIC = ("time_s", "train_img_per_s")  # wall-clock numbers
 
 
-def test_same_config_and_seed_give_identical_results(trained_run, tiny_demo_dir, tmp_path):
+def test_same_config_and_seed_give_identical_results(trained_run, tiny_demo_dir, tmp_path,
+                                                     fresh_compiles):
+  """The second run compiles its programs again (no session cache): a rerun in a new process
+  would too."""
   config, first_dir, first = trained_run
   # The shared run also keeps its per-epoch params; that changes what is saved, not computed.
   assert config.to_dict() == tiny_demo_config(tiny_demo_dir,

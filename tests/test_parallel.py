@@ -186,10 +186,14 @@ def _worker(out_json: str, tmp: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
+def eight_devices(tmp_path_factory, session_compilation_cache):
+  """The worker compiles some programs twice (init, the eval steps of both modes): the session's
+  compilation cache, in its own folder for 8 devices, holds them once."""
+  from conftest import compile_cache_env
   tmp = tmp_path_factory.mktemp("parallel")
+  cache = session_compilation_cache and session_compilation_cache / "8_devices"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **compile_cache_env(cache))
   p = subprocess.run([sys.executable, __file__, str(tmp / "out.json"), str(tmp)], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-4000:]
@@ -244,18 +248,23 @@ def test_prefetch_keeps_order_and_reads_ahead():
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  """2 processes x 4 CPU devices on this machine, as two hosts would run."""
+def two_processes(tmp_path_factory, session_compilation_cache):
+  """2 processes x 4 CPU devices on this machine, as two hosts would run; each process has its
+  own compilation cache folder (the two modes share an eval step), never written by the other."""
   import socket
+
+  from conftest import compile_cache_env
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path_factory.mktemp("multihost") / "out.json"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // 2}",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  cache = session_compilation_cache
   procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), str(port), str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env, **compile_cache_env(cache and cache / f"process_{i}")))
+           for i in range(2)]
   errors = [p.communicate(timeout=600)[1] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
   return json.loads(out.read_text())
