@@ -218,7 +218,8 @@ class Variant:
 
 
 VARIANTS = {
-    "sd2.1": Variant(UNetConfig(), VAEConfig(), TextConfig()),  # stabilityai/stable-diffusion-2-1
+    # stabilityai/stable-diffusion-2-1
+    "sd2.1": Variant(UNetConfig(upcast_attention=True), VAEConfig(), TextConfig()),
     "sd1.5": Variant(UNetConfig(attention_head_dim=8, cross_attention_dim=768,
                                 use_linear_projection=False), VAEConfig(),
                      TextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
