@@ -156,6 +156,37 @@ def test_a_nonempty_prompt_matches_transformers(tiny_sd):
   assert np.abs(cleandift.encode_prompt(folder, "ab a") - ref).max() <= 1e-5
 
 
+def test_a_partial_sd_folder_names_what_is_missing(tiny_sd, tmp_path):
+  """One line naming the folder and the missing piece; the hub's fp16 weight variants load."""
+  import shutil
+  folder = tmp_path / "sd"
+  shutil.copytree(tiny_sd[0], folder)
+  _, want = cleandift._read_component(folder, "unet")
+  (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(
+      folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+  _, got = cleandift._read_component(folder, "unet")
+  assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  # A CleanDIFT UNet file replaces unet/'s weights, so unet/ needs only its config.json.
+  unet_file = tmp_path / "cleandift_sd21_unet.safetensors"
+  (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").rename(unet_file)
+  with pytest.raises(hf_io.CheckpointNotFoundError,
+                     match=f"{folder} has no unet/diffusion_pytorch_model.safetensors: "):
+    cleandift.load_cleandift(str(folder))
+  _, params, _ = cleandift.load_cleandift(str(folder), unet=str(unet_file))
+  jax.tree.map(np.testing.assert_array_equal, params["unet"], cleandift.unet_params(want))
+  cases = [("tokenizer/tokenizer_config.json", "tokenizer/tokenizer_config.json"),
+           ("text_encoder", "text_encoder/ folder"),
+           ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+           ("unet/config.json", "unet/config.json")]
+  for path, says in cases:  # the loader reads unet/, vae/, text_encoder/, tokenizer/ in turn
+    target = folder / path
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(hf_io.CheckpointNotFoundError) as e:
+      cleandift.load_cleandift(str(folder), unet=str(unet_file))
+    message = str(e.value)
+    assert f"{folder} has no {says}:" in message and "\n" not in message, message
+
+
 class _DPIQADecoderFront(torch.nn.Module):
   """DP-IQA's QualityFeatureDecoder (iqa_models/dpiqa.py) up to its fc layers, small widths."""
 
