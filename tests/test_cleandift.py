@@ -322,7 +322,16 @@ def _predictions(path, column):
 
 def test_score_evaluate_and_features_give_the_runs_predictions(matrix, tmp_path):
   """The gated run's validation predictions, computed in memory by the training loop, come back
-  from `score`, from `evaluate`, and from its trained head on the feature cache's rows."""
+  from `score`, from `evaluate`, and from its trained head on the feature cache's rows. The
+  matrix's XLA cache serves the programs the run already compiled (random init, eval step):
+  measured CPU time of `score` 49 s without it, 4 s with it."""
+  from iqa_jax import experiments
+  root = matrix[0]
+  with experiments.persistent_compile_cache(root / "m" / "jax_cache"):
+    _score_evaluate_and_features(matrix, tmp_path)
+
+
+def _score_evaluate_and_features(matrix, tmp_path):
   import ml_collections
 
   from iqa_jax import checkpoint, features
