@@ -302,6 +302,7 @@ def matrix(tmp_path_factory):
   return root, csv_dir, rows
 
 
+@pytest.mark.slow  # the matrix fixture: three random-init + train-step compiles
 def test_two_train_steps_with_each_head_through_the_matrix(matrix):
   from iqa_jax import checkpoint
   root, _, rows = matrix
@@ -320,6 +321,7 @@ def _predictions(path, column):
     return {r["path"]: float(r[column]) for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # the matrix fixture: three random-init + train-step compiles
 def test_score_evaluate_and_features_give_the_runs_predictions(matrix, tmp_path):
   """The gated run's validation predictions, computed in memory by the training loop, come back
   from `score`, from `evaluate`, and from its trained head on the feature cache's rows. The
