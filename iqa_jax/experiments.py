@@ -36,7 +36,8 @@ from iqa_jax.models.head import resolve_head
 # The option a bare NAME:VALUE sets, per adapter.
 MAIN_OPTION = {"demo": "distortions", "koniq10k": "resolution", "agiqa3k": "target"}
 BACKBONE_NAMES = {"siglip": "SigLIP2", "siglip2_naflex": "SigLIP2-NaFlex", "clip": "CLIP",
-                  "dinov2": "DINO2", "dinov3": "DINO3", "pe": "Percept", "resnet": "ResNet152"}
+                  "dinov2": "DINO2", "dinov3": "DINO3", "pe": "Percept", "resnet": "ResNet152",
+                  "cleandift": "CDIFT"}
 RESULTS = "results.jsonl"
 
 

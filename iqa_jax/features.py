@@ -35,7 +35,8 @@ from iqa_jax.models.model import create_model, head_from_config
 
 FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
 # Fields of config.model / config.data that decide the feature an image gets.
-MODEL_KEYS = ("backbone", "init", "variant", "arch", "dtype", "param_dtype")
+MODEL_KEYS = ("backbone", "init", "variant", "arch", "dtype", "param_dtype",
+              "unet_init", "prompt", "timestep", "adapter")  # the last four: cleandift
 DATA_KEYS = ("image_size", "pp", "normalize_on_device")
 
 
@@ -86,6 +87,10 @@ def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict
 
   The head's init equals create_model's for the same seed (same module path, same key)."""
   folder = config.data.features
+  if config.model.get("adapter") is not None:
+    raise ValueError(f"--config.data.features={folder}: {config.model.backbone}'s "
+                     "config.model.adapter trains with the head in every mode, and a feature cache "
+                     "would hold it fixed; train end to end (drop data.features).")
   if config.model.finetune != "frozen":
     raise ValueError(f"--config.data.features={folder} trains the head on stored backbone "
                      "features: set --config.model.finetune=frozen (or drop data.features).")
@@ -213,8 +218,11 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
 def cache_for_frozen_run(config: ml_collections.ConfigDict, root: str | Path
                          ) -> ml_collections.ConfigDict:
   """A frozen run's config reading a feature cache under `root`, built on first use (the run
-  matrix's frozen runs: one backbone pass per dataset, not one per epoch). Others: unchanged."""
+  matrix's frozen runs: one backbone pass per dataset, not one per epoch). Others, and backbones
+  with a `config.model.adapter` that trains in every mode (cleandift): unchanged."""
   if config.model.get("finetune") != "frozen" or config.data.get("features"):
+    return config
+  if config.model.get("adapter") is not None:  # it trains in every mode (cleandift)
     return config
   data = config.data.to_dict()
   key = json.dumps([fingerprint(config), data["name"], data["dir"], data.get("options")],

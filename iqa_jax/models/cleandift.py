@@ -22,6 +22,7 @@ The adapter is new: its parameters train with the head in every fine-tuning mode
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +110,8 @@ def prompt_token_ids(folder, prompt: str) -> np.ndarray:
   transformers' CLIPTokenizer.
   """
   tok = folder / "tokenizer"
+  if not (tok / "tokenizer_config.json").is_file():
+    raise _missing(folder, "tokenizer/tokenizer_config.json")
   cfg = hf_io.read_json(tok, "tokenizer_config.json")
   max_len = int(cfg.get("model_max_length", 77))
   if prompt:
@@ -218,7 +221,8 @@ class Variant:
 
 
 VARIANTS = {
-    "sd2.1": Variant(UNetConfig(), VAEConfig(), TextConfig()),  # stabilityai/stable-diffusion-2-1
+    # stabilityai/stable-diffusion-2-1
+    "sd2.1": Variant(UNetConfig(upcast_attention=True), VAEConfig(), TextConfig()),
     "sd1.5": Variant(UNetConfig(attention_head_dim=8, cross_attention_dim=768,
                                 use_linear_projection=False), VAEConfig(),
                      TextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -226,13 +230,45 @@ VARIANTS = {
 }
 
 
-def _read_component(folder, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+# The weights file of each component in a diffusers repo; the hub repos also hold `*.fp16.*`
+# variants of the same tensors (read only when the full-precision file is absent).
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+           "text_encoder": "model"}
+LAYOUT = "unet/, vae/, text_encoder/ (config.json + *.safetensors each) and tokenizer/"
+
+
+def _missing(folder, what: str) -> hf_io.CheckpointNotFoundError:
+  return hf_io.CheckpointNotFoundError(
+      f"{folder} has no {what}: config.model.init must be a diffusers Stable Diffusion folder "
+      f"with {LAYOUT}, e.g. `huggingface-cli download stabilityai/stable-diffusion-2-1` "
+      f"(docs/backbones.md, CleanDIFT)")
+
+
+def _read_weights(sub, stem: str = "diffusion_pytorch_model") -> dict[str, np.ndarray] | None:
+  """The component's tensors: `stem`.safetensors, else its fp16 variant, else the shards its
+  index names; None when there are none."""
+  for file in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+    if (sub / file).is_file():
+      return hf_io.read_safetensors(sub, [file])
+  index = sub / f"{stem}.safetensors.index.json"
+  if index.is_file():
+    return hf_io.read_safetensors(sub, sorted(set(json.loads(index.read_text())["weight_map"]
+                                                  .values())))
+  return None
+
+
+def _read_component(folder, name: str, weights: bool = True
+                    ) -> tuple[dict, dict[str, np.ndarray] | None]:
+  """`folder/name`'s config.json and (with `weights`) tensors; one line naming what is missing."""
   sub = folder / name
-  if not sub.is_dir():
-    raise hf_io.CheckpointNotFoundError(
-        f"{folder} has no {name}/ folder; pass a diffusers Stable Diffusion folder "
-        f"(unet/, vae/, text_encoder/, tokenizer/)")
-  return hf_io.read_json(sub, "config.json"), hf_io.read_safetensors(sub)
+  if not (sub / "config.json").is_file():
+    raise _missing(folder, f"{name}/config.json" if sub.is_dir() else f"{name}/ folder")
+  if not weights:
+    return hf_io.read_json(sub, "config.json"), None
+  tensors = _read_weights(sub, WEIGHTS[name])
+  if tensors is None:
+    raise _missing(folder, f"{name}/{WEIGHTS[name]}.safetensors")
+  return hf_io.read_json(sub, "config.json"), tensors
 
 
 def encode_prompt(folder, prompt: str = "") -> np.ndarray:
@@ -263,7 +299,13 @@ def read_unet_override(unet: str) -> dict[str, np.ndarray]:
           f"({type(e).__name__}); run `huggingface-cli download {repo} {file}` on a connected "
           f"machine, or pass the .safetensors path") from e
     return hf_io.read_safetensors(path.parent, [path.name])
-  return hf_io.read_safetensors(hf_io.resolve_checkpoint(unet))
+  folder = hf_io.resolve_checkpoint(unet)
+  tensors = _read_weights(folder)
+  if tensors is None:
+    raise hf_io.CheckpointNotFoundError(
+        f"config.model.unet_init={unet!r}: {folder} has no diffusion_pytorch_model.safetensors; "
+        f"pass a diffusers UNet folder, a .safetensors file or hub_id:file")
+  return tensors
 
 
 def load_cleandift(path_or_id: str, unet: str | None = None, prompt: str = "", **module_kwargs):
@@ -274,7 +316,8 @@ def load_cleandift(path_or_id: str, unet: str | None = None, prompt: str = "", *
   ...     unet="CompVis/cleandift:cleandift_sd21_unet.safetensors")
   """
   folder = hf_io.resolve_checkpoint(path_or_id)
-  unet_cfg, unet_tensors = _read_component(folder, "unet")
+  # With a CleanDIFT UNet, unet/ needs only its config.json (its 3.5 GB of weights are replaced).
+  unet_cfg, unet_tensors = _read_component(folder, "unet", weights=not unet)
   if unet:
     unet_tensors = read_unet_override(unet)
   vae_cfg, vae_tensors = _read_component(folder, "vae")

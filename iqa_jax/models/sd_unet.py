@@ -41,6 +41,9 @@ class UNetConfig:
   norm_eps: float = 1e-5
   flip_sin_to_cos: bool = True
   freq_shift: int = 0
+  # Attention scores and softmax in float32 under 16-bit compute (diffusers' default is false;
+  # SD 2.1's unet/config.json sets it). Our attention always does this: see `Attention`.
+  upcast_attention: bool = False
 
   # Config values the port does not implement; `from_hf` refuses checkpoints that set them.
   UNSUPPORTED = {
@@ -110,6 +113,11 @@ class Attention(nn.Module):
     q = dense("to_q")(x, deterministic)
     k = dense("to_k")(context, deterministic)
     v = nn.Dense(d, use_bias=False, dtype=self.dtype, name="to_v")(context)
+    # diffusers' `upcast_attention` (SD 2.1) needs no branch: for bf16 / fp16 inputs,
+    # jax.nn.dot_product_attention's XLA path takes q.k with a float32 result, runs the softmax
+    # in float32 and casts the probabilities back before they meet v, which is diffusers'
+    # `get_attention_scores` with the flag on (tests/test_cleandift.py: bit-identical in bf16).
+    # cuDNN's flash attention also accumulates the scores in float32 (not run here: no GPU).
     y = attention(q, k, v.astype(q.dtype), self.heads, self.attention_impl)
     return nn.Dense(d, dtype=self.dtype, name="to_out_0")(y)
 
