@@ -7,10 +7,12 @@
 A frozen backbone computes the same feature for an image in every epoch, so a frozen run spends
 almost all its time recomputing it. The cache stores one float32 row per record: FEATS/
 features.npy (N, d) and index.json (the image paths in row order, the backbone's fingerprint).
-It has the prepare cache's layout, so the training pipeline reads it unchanged (shuffle, batch,
-shards); the model is then the head alone (`FeatureHeadModel`). With --workdir the backbone is a
-trained run's (LoRA-adapted or fully fine-tuned). Taps (--taps NAME,...) store more of the
-backbone's intermediates, token- or space-averaged to one vector per image, in taps/NAME.npy.
+The model is then the head alone (`FeatureHeadModel`): training holds the rows on the devices,
+one jitted scan per epoch (train.epochs_in_memory); pmap and multi-process runs read the cache
+through the pipeline, which takes it as a prepare cache of the same layout. With --workdir the
+backbone is a trained run's (LoRA-adapted or fully fine-tuned). Taps (--taps NAME,...) store more
+of the backbone's intermediates, token- or space-averaged to one vector per image, in
+taps/NAME.npy.
 Writes are resumable: a killed extraction continues after its last flushed batch.
 A run trained on a cache records in RUN/features.json which backbone made the features, so
 `score`, `evaluate` and `export` put that backbone back under its head (`scoring_backbone`).
