@@ -7,11 +7,15 @@
 A frozen backbone computes the same feature for an image in every epoch, so a frozen run spends
 almost all its time recomputing it. The cache stores one float32 row per record: FEATS/
 features.npy (N, d) and index.json (the image paths in row order, the backbone's fingerprint).
-It has the prepare cache's layout, so the training pipeline reads it unchanged (shuffle, batch,
-shards); the model is then the head alone (`FeatureHeadModel`). With --workdir the backbone is a
-trained run's (LoRA-adapted or fully fine-tuned). Taps (--taps NAME,...) store more of the
-backbone's intermediates, token- or space-averaged to one vector per image, in taps/NAME.npy.
+The model is then the head alone (`FeatureHeadModel`): training holds the rows on the devices,
+one jitted scan per epoch (train.epochs_in_memory); pmap and multi-process runs read the cache
+through the pipeline, which takes it as a prepare cache of the same layout. With --workdir the
+backbone is a trained run's (LoRA-adapted or fully fine-tuned). Taps (--taps NAME,...) store more
+of the backbone's intermediates, token- or space-averaged to one vector per image, in
+taps/NAME.npy.
 Writes are resumable: a killed extraction continues after its last flushed batch.
+A run trained on a cache records in RUN/features.json which backbone made the features, so
+`score`, `evaluate` and `export` put that backbone back under its head (`scoring_backbone`).
 """
 from __future__ import annotations
 
@@ -29,11 +33,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from iqa_jax import checkpoint, run_folder
+from iqa_jax.data import cache as cache_lib
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.models.head import QualityHead
-from iqa_jax.models.model import create_model, head_from_config
+from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
 
 FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
+RUN_RECORD = "features.json"  # in a run folder: the fingerprint of the cache it trained on
 # Fields of config.model / config.data that decide the feature an image gets.
 MODEL_KEYS = ("backbone", "init", "variant", "arch", "dtype", "param_dtype",
               "unet_init", "prompt", "timestep", "adapter")  # the last four: cleandift
@@ -51,8 +58,10 @@ class FeatureHeadModel(nn.Module):
     return score, {"feature": feature, **out}
 
 
-def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None) -> dict:
-  """What makes two feature caches interchangeable; a random-init backbone depends on the seed."""
+def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None,
+                source_weights: str | None = None) -> dict:
+  """What makes two feature caches interchangeable; a random-init backbone depends on the seed,
+  another run's backbone on that run's trained weights (their digest)."""
   model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
   data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
   fp = {f"model.{k}": model.get(k) for k in MODEL_KEYS}
@@ -60,6 +69,8 @@ def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None
   if not model.get("init") and not source_run:
     fp["seed"] = int(config.seed)
   fp["source_run"] = source_run
+  if source_run:
+    fp["source_weights"] = source_weights
   return json.loads(json.dumps(fp))  # tuples -> lists, as index.json reads back
 
 
@@ -95,11 +106,14 @@ def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict
     raise ValueError(f"--config.data.features={folder} trains the head on stored backbone "
                      "features: set --config.model.finetune=frozen (or drop data.features).")
   index = read_index(folder)
-  if index["fingerprint"].get("source_run") is None:  # else the run's own backbone made it
-    problem = _mismatch(index["fingerprint"], fingerprint(config))
-    if problem:
-      raise ValueError(f"--config.data.features={folder} was built for another backbone: "
-                       f"{problem}. Rebuild it with python -m iqa_jax.features for this config.")
+  stored, wanted = index["fingerprint"], fingerprint(config)
+  if stored.get("source_run") is not None:  # another run's backbone: only the data must match
+    stored, wanted = ({k: v for k, v in fp.items() if k.startswith("data.")}
+                      for fp in (stored, wanted))
+  problem = _mismatch(stored, wanted)
+  if problem:
+    raise ValueError(f"--config.data.features={folder} was built for another backbone: "
+                     f"{problem}. Rebuild it with python -m iqa_jax.features for this config.")
   model = FeatureHeadModel(head=head_from_config(config.model))
   dummy = jnp.zeros((1, index["dim"]), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
@@ -107,27 +121,98 @@ def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict
   return model, jax.tree.map(lambda x: x, dict(params)), ""
 
 
+def read_rows(folder: str, records) -> np.ndarray:
+  """The cache's float32 rows of `records`, in their order, in memory: (len(records), d)."""
+  return cache_lib.open_cache(folder, [r.path for r in records], "").to_array()
+
+
+def record_in_run(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+  """RUN/features.json: the fingerprint and pp of the cache config.data.features, so the run is
+  scored with the backbone that made its features. A run with epochs done must find the same."""
+  index = read_index(config.data.features)
+  record = {"features": str(Path(config.data.features).absolute()),
+            **{k: index[k] for k in ("fingerprint", "pp", "dim")}}
+  path = Path(workdir) / RUN_RECORD
+  if path.is_file() and run_folder.has_progress(workdir):
+    held = run_folder.read_json(path, "Restore it, or start over with --restart.")
+    problem = _mismatch({k: held.get(k) for k in record if k != "features"},
+                        {k: v for k, v in record.items() if k != "features"})
+    if problem:
+      raise run_folder.RunFolderError(
+          f"{path}: this run was trained on features of another backbone than "
+          f"{config.data.features} now holds ({problem}); its head fits only those. Put that "
+          f"cache back, or start over with --restart.")
+  run_folder.write_json(path, record)
+
+
+def weights_digest(flat: dict) -> str:
+  """sha256 of named weights (names, dtypes, shapes, values): tells two trainings apart."""
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    v = np.ascontiguousarray(flat[k])
+    h.update(f"{k}:{v.dtype}:{v.shape}:".encode() + v.tobytes())
+  return h.hexdigest()[:16]
+
+
+def backbone_weights(workdir: str) -> tuple[dict, str]:
+  """-> (the trained backbone leaves of run `workdir`'s ckpt/best, their weights_digest)."""
+  flat, _ = checkpoint.load_params(workdir, "best")
+  backbone = {k: v for k, v in flat.items() if k.startswith("backbone" + checkpoint.SEP)}
+  return backbone, weights_digest(backbone)
+
+
+def run_backbone(config: ml_collections.ConfigDict, workdir: str, weights: dict):
+  """Run `workdir`'s backbone with its trained `weights` over config.data, under a fresh head of
+  config.model -> (config of that model, model, params, preprocessing)."""
+  run = run_folder.read_config(workdir)
+  run.data = config.data  # the run's backbone over the dataset this config names
+  run.model.update({k: config.model[k] for k in HEAD_FIELDS if k in config.model})
+  run_folder.check_base_checkpoint(workdir, run)
+  model, params, preprocessing = create_model(run)
+  return run, model, checkpoint.unflatten_into(params, weights), preprocessing
+
+
+def scoring_backbone(workdir: str | Path, config: ml_collections.ConfigDict):
+  """A run trained on a feature cache -> (config, model, params, preprocessing) of the model that
+  scores images: the backbone that made its features (rebuilt from the run's config, seed
+  included, or the source run's trained one) under the run's head (weights: the caller's)."""
+  path = Path(workdir) / RUN_RECORD
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} was trained on the feature cache {config.data.features} "
+        f"but does not record which backbone made it, so it cannot be scored; retrain it with "
+        f"--restart.")
+  record = run_folder.read_json(path, "Restore it, or retrain the run with --restart.")
+  source = record["fingerprint"].get("source_run")
+  if source is None:
+    run_folder.check_base_checkpoint(workdir, config)
+    model, params, preprocessing = create_model(config)
+  else:
+    if not (Path(source) / run_folder.CONFIG).is_file() or not run_folder.saved_steps(
+        Path(source) / "ckpt" / "best"):
+      raise FileNotFoundError(
+          f"{workdir}'s head was trained on features of the run {source}, which is missing "
+          f"(no {run_folder.CONFIG} or ckpt/best there): put that run back at that path to "
+          f"score it, or train the head on a cache of a backbone you have.")
+    weights, digest = backbone_weights(source)
+    if digest != record["fingerprint"].get("source_weights"):
+      raise run_folder.RunFolderError(
+          f"{workdir}'s head was trained on features of the run {source}, whose backbone "
+          f"weights (ckpt/best) are no longer the ones that made them; the head fits only "
+          f"those. Restore that run, or rebuild the cache (python -m iqa_jax.features "
+          f"--workdir {source}) and retrain the head.")
+    config, model, params, preprocessing = run_backbone(config, source, weights)
+  pp_str = pp.run_pp(config.data, preprocessing)
+  if pp_str != record["pp"]:
+    raise ValueError(f"{path}: the features were made with pp {record['pp']!r}, but the "
+                     f"backbone rebuilt from {workdir}'s config reads images with {pp_str!r}.")
+  return config, model, params, preprocessing
+
+
 def _as_vector(x: jax.Array) -> jax.Array:
   """A tap -> one vector per image: tokens (B, T, D) and maps (B, H, W, C) are averaged."""
   x = x.astype(jnp.float32)
   return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
-
-
-def _load_backbone(config, workdir: str | None):
-  """-> (config, model, params, preprocessing): a run's trained weights when workdir is given."""
-  if workdir is None:
-    model, params, preprocessing = create_model(config)
-    return config, model, params, preprocessing
-  from iqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  cfg_file = Path(workdir) / "config.json"
-  if not cfg_file.is_file():
-    raise FileNotFoundError(f"{cfg_file} not found: --workdir must be a run folder made by "
-                            "python -m iqa_jax.train.")
-  run = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
-  run.data = config.data  # the run's backbone over the dataset this config names
-  model, params, preprocessing = create_model(run)
-  flat, _ = checkpoint.load_params(workdir, "best")
-  return run, model, checkpoint.unflatten_into(params, flat), preprocessing
 
 
 def _write_json(path: Path, obj) -> None:
@@ -146,12 +231,17 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
   from iqa_jax.train import _progress  # pylint: disable=g-import-not-at-top
   folder = Path(out)
   source = str(Path(workdir).absolute()) if workdir else None
-  config, model, params, preprocessing = _load_backbone(config, workdir)
+  if workdir is None:
+    model, params, preprocessing = create_model(config)
+    digest = None
+  else:
+    weights, digest = backbone_weights(workdir)
+    config, model, params, preprocessing = run_backbone(config, workdir, weights)
   records, skipped = pipeline.check_records(datasets.load_records(config.data),
                                             on_error=config.data.on_error,
                                             cache=config.data.cache or None)
   pp_str = pp.run_pp(config.data, preprocessing)
-  want = {"kind": "features", "array": FEATURES, "fingerprint": fingerprint(config, source),
+  want = {"kind": "features", "array": FEATURES, "fingerprint": fingerprint(config, source, digest),
           "pp": pp_str, "taps": list(taps), "paths": [r.path for r in records],
           "mos": [float(r.mos) for r in records], "dataset": config.data.name}
   for name in (INDEX, PROGRESS):

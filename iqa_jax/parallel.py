@@ -174,6 +174,31 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
   return step
 
 
+def jit_train_epoch(make_step: Callable[..., Callable], mesh: Mesh,
+                    donate: bool = True) -> Callable:
+  """-> epoch(state, table, rows) -> (state, metrics stacked over steps): ONE jitted lax.scan of
+  the train step over a whole epoch whose examples are already on the devices ("sharded" mode,
+  one process).
+
+  table: {key: (N, ...)} replicated (put_replicated); rows: (steps, grad_accum, micro) indices
+  into it, each step's batch laid out as put_batch lays it out; the gathered micro-batches are
+  split over the 'data' axis.
+  """
+  step = make_step(micro_batched=True)
+  batch = NamedSharding(mesh, P(None, AXIS))
+
+  def epoch(state, table, rows):
+    def body(state, step_rows):
+      return step(state, {k: jax.lax.with_sharding_constraint(v[step_rows], batch)
+                          for k, v in table.items()})
+    return jax.lax.scan(body, state, rows)
+
+  rep = replicated(mesh)
+  return jax.jit(epoch, donate_argnums=(0,) if donate else (),
+                 in_shardings=(rep, rep, NamedSharding(mesh, P(None, None, AXIS))),
+                 out_shardings=(rep, rep))
+
+
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """-> fn(params, images) -> scores, the batch split over the mesh (both modes).
 

@@ -28,7 +28,7 @@ CONFIG, BASE, RESULTS, HISTORY = "config.json", "base_checkpoint.json", "results
     "history.jsonl"
 # What `--restart` clears: everything a training run writes or derives from its checkpoints.
 RUN_FILES = (CONFIG, BASE, RESULTS, HISTORY, "splits.json", "skipped.csv", "val_predictions.csv",
-             "ckpt", "cross")
+             "ckpt", "cross", "features.json")
 
 # Fields that change how a run executes, never what it computes: a resume may change them.
 EXECUTION_ONLY = ("progress", "data.workers", "prefetch", "compilation_cache", "eval_batch_size",

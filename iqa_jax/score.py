@@ -95,11 +95,17 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def load_run(workdir: str, which: str = "best") -> LoadedModel:
-  """A trained run folder -> LoadedModel (its config, base checkpoint and trained leaves)."""
+  """A trained run folder -> LoadedModel (its config, base checkpoint and trained leaves).
+
+  A head trained on a feature cache is scored under the backbone that made the features."""
+  from iqa_jax import features
   from iqa_jax.models.model import create_model
   config = run_folder.read_config(workdir)  # the model the run was trained as, checked
-  run_folder.check_base_checkpoint(workdir, config)  # against the frozen weights it started from
-  model, params, preprocessing = create_model(config)
+  if config.data.get("features"):
+    config, model, params, preprocessing = features.scoring_backbone(workdir, config)
+  else:
+    run_folder.check_base_checkpoint(workdir, config)  # against the frozen weights it started
+    model, params, preprocessing = create_model(config)
   flat, _ = checkpoint.load_params(workdir, which)
   params = checkpoint.unflatten_into(params, flat)
   return LoadedModel(

@@ -4,6 +4,10 @@ Per epoch: train with a progress bar (img/s, ETA), evaluate SRCC/PLCC on the val
 save `ckpt/last` and, when validation SRCC improves, `ckpt/best`. Rerunning on the same workdir
 resumes after the last finished epoch, and only with the config the folder records
 (iqa_jax/run_folder.py); --restart starts it over.
+
+Batches come from the grain pipeline, one jitted step each (`epochs_from_loader`). A run on a
+feature cache (data.features: the head alone) holds the cache's rows on the devices and runs
+each epoch as one jitted scan of the same step over the same batches (`epochs_in_memory`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -112,8 +117,8 @@ def restore(ckpt: checkpoint.RunCheckpoints, state: TrainState, labels,
 
 
 def train_epoch(train_step, state: TrainState, batches, steps: int, config,
-                desc: str) -> tuple[TrainState, list]:
-  """One pass over the epoch's batches -> (state, per-step metrics, still on the device)."""
+                desc: str) -> tuple[TrainState, dict]:
+  """One pass over the epoch's batches -> (state, metrics stacked over steps, on the device)."""
   bar = _progress(steps * config.optim.batch_size, desc, config.progress)
   step_metrics = []
   for batch in batches:
@@ -123,7 +128,60 @@ def train_epoch(train_step, state: TrainState, batches, steps: int, config,
     if len(step_metrics) % 20 == 0:  # logging is the one place that syncs
       bar.set_postfix(loss=f"{float(m['loss']):.4f}")
   bar.close()
-  return state, step_metrics
+  return state, jax.tree.map(lambda *m: jnp.stack(m), *step_metrics)
+
+
+# An epoch source: train(state, epoch) -> (state, metrics stacked over steps), and
+# scorer(records) -> scores(params), the scores of those records in their order.
+EpochSource = tuple[Callable, Callable[[list], Callable]]
+
+
+def epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str: str,
+                       host_batch: int, steps: int) -> EpochSource:
+  """Batches from the grain pipeline (files, a prepare cache, a TFDS build or a feature cache),
+  one jitted train step per batch, with a progress bar."""
+  cache, tfds = _cache(config), tfds_source.build_dir(config.data)
+
+  def train(state, epoch):
+    loader = pipeline.make_train_loader(
+        train_recs, pp_str, host_batch, seed=config.seed, epoch=epoch, workers=config.data.workers,
+        shard_index=jax.process_index(), shard_count=jax.process_count(), cache=cache,
+        tfds=tfds)
+    return train_epoch(train_step, state, parallel.prefetch_to_device(loader, put, config.prefetch),
+                       steps, config, f"epoch {epoch + 1}/{config.optim.epochs}")
+
+  def scorer(records):
+    loader = pipeline.make_eval_loader(records, pp_str, config.eval_batch_size,
+                                       workers=config.data.workers, cache=cache, tfds=tfds)
+    return lambda params: predict(eval_fn, params, loader)
+  return train, scorer
+
+
+def in_memory(config) -> bool:
+  """A feature cache's rows are held on the devices ("sharded" mode, one process); pmap and
+  multi-process runs read them through the pipeline, batch by batch."""
+  return bool(config.data.get("features")) and config.parallel == "sharded" \
+      and jax.process_count() == 1
+
+
+def epochs_in_memory(config, make_step, eval_fn, mesh, train_recs, steps: int) -> EpochSource:
+  """The head alone on data.features: the rows of the train records sit on the devices and each
+  epoch is ONE jitted lax.scan of the train step, over batches gathered there in the loader's
+  order (pipeline.epoch_order); a split is scored in one call."""
+  optim, folder = config.optim, config.data.features
+  table = parallel.put_replicated({"image": features.read_rows(folder, train_recs),
+                                   "mos": np.asarray([r.mos for r in train_recs], np.float32)},
+                                  mesh)
+  epoch_fn = parallel.jit_train_epoch(make_step, mesh, donate=config.donate)
+
+  def train(state, epoch):
+    order = pipeline.epoch_order(len(train_recs), config.seed, epoch)[:steps * optim.batch_size]
+    return epoch_fn(state, table, order.reshape(steps, optim.grad_accum, -1))
+
+  def scorer(records):
+    rows = features.read_rows(folder, records)
+    return lambda params: np.asarray(eval_fn(params, rows))
+  return train, scorer
 
 
 def check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int, workdir: Path) -> None:
@@ -138,19 +196,19 @@ def check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int, workdir: 
       f"large sets).")
 
 
-def end_epoch(epoch: int, state: TrainState, step_metrics: list, t0: float, progress: Progress,
+def end_epoch(epoch: int, state: TrainState, step_metrics: dict, t0: float, progress: Progress,
               *, config, scores: np.ndarray, val_recs, lr: float, workdir: Path,
               ckpt: checkpoint.RunCheckpoints, labels) -> None:
   """The epoch's bookkeeping: validation metrics, history, best predictions, checkpoints, log."""
   optim = config.optim
-  losses = np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64)
+  losses = np.asarray(jax.device_get(step_metrics["loss"]), np.float64)
   train_time = time.time() - t0
   val = metrics.compute_metrics(scores, [r.mos for r in val_recs])
   entry = {"epoch": epoch, "step": int(state.step), "train_loss": float(losses.mean()),
            "lr": lr, "train_img_per_s": len(losses) * optim.batch_size / max(train_time, 1e-9),
            "val": val, "time_s": time.time() - t0}
   if config.log_grad_norm:
-    entry["grad_norm"] = float(np.mean(jax.device_get([m["grad_norm"] for m in step_metrics])))
+    entry["grad_norm"] = float(np.mean(jax.device_get(step_metrics["grad_norm"])))
   gates = gate_weights(state.params)
   if gates:
     entry["gate_w"] = gates
@@ -194,13 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   host_batch = parallel.process_batch_size(optim.batch_size)  # this process's share
   # Each process takes len // process_count records and drops the last partial batch.
   steps_per_epoch = len(train_recs) // jax.process_count() // host_batch
-  cache, tfds = _cache(config), tfds_source.build_dir(config.data)
   _log(f"data: {config.data.name}: {len(train_recs)} train / {len(val_recs)} val"
        + (f" / {len(splits['test'])} test" if "test" in splits else ""))
 
   # Model.
   if config.data.get("features"):  # stored backbone features: the head trains alone
     model, params, pp_str = features.head_only(config)
+    features.record_in_run(workdir, config)  # scoring puts the backbone that made them back
   else:
     model, params, preprocessing = create_model(config)
     pp_str = pp.run_pp(config.data, preprocessing)
@@ -223,39 +281,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Step.
   mode = config.parallel
   state = parallel.put_state(state, labels, mesh, config.model.param_dtype)
-  train_step = parallel.jit_train_step(functools.partial(
+  make_step = functools.partial(
       make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
-      with_grad_norm=config.log_grad_norm), mesh, mode, donate=config.donate)
+      with_grad_norm=config.log_grad_norm)
   eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
-  put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode, grad_accum=optim.grad_accum,
-                          keys=("image", "mos"))
-  val_loader = pipeline.make_eval_loader(val_recs, pp_str, config.eval_batch_size,
-                                         workers=config.data.workers, cache=cache, tfds=tfds)
+  if in_memory(config):
+    train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
+                                     steps_per_epoch)
+  else:
+    train_step = parallel.jit_train_step(make_step, mesh, mode, donate=config.donate)
+    put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
+                            grad_accum=optim.grad_accum, keys=("image", "mos"))
+    train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,
+                                       host_batch, steps_per_epoch)
+  val_scores = scorer(val_recs)
 
   # Epochs.
   for epoch in range(progress.start_epoch, optim.epochs):
     t0 = time.time()
-    loader = pipeline.make_train_loader(
-        train_recs, pp_str, host_batch, seed=config.seed, epoch=epoch, workers=config.data.workers,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), cache=cache,
-        tfds=tfds)
-    state, step_metrics = train_epoch(
-        train_step, state, parallel.prefetch_to_device(loader, put, config.prefetch),
-        steps_per_epoch, config, f"epoch {epoch + 1}/{optim.epochs}")
-    check_finite(np.asarray(jax.device_get([m["loss"] for m in step_metrics]), np.float64),
-                 epoch, steps_per_epoch, workdir)
+    state, step_metrics = train(state, epoch)
+    check_finite(np.asarray(jax.device_get(step_metrics["loss"]), np.float64), epoch,
+                 steps_per_epoch, workdir)
     end_epoch(epoch, state, step_metrics, t0, progress, config=config,
-              scores=predict(eval_fn, state.params, val_loader), val_recs=val_recs,
+              scores=val_scores(state.params), val_recs=val_recs,
               lr=float(lr_at(epoch * steps_per_epoch)), workdir=workdir, ckpt=ckpt, labels=labels)
 
   # Test.
   results = summarize(config, progress, splits, len(skipped))
   if results["status"] == "done" and splits.get("test"):
     best_state = ckpt.restore_best(state, labels) or state
-    test_loader = pipeline.make_eval_loader(splits["test"], pp_str, config.eval_batch_size,
-                                            workers=config.data.workers, cache=cache, tfds=tfds)
-    test_scores = predict(eval_fn, best_state.params, test_loader)
+    test_scores = scorer(splits["test"])(best_state.params)
     results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
   run_folder.write_json(workdir / run_folder.RESULTS, results)
   ckpt.close()

@@ -81,10 +81,20 @@ def _train_two_steps(mode: str, dropout: float) -> dict:
     par, m = step(par, parallel.put_batch(b, mesh, mode=mode, grad_accum=ACCUM))
     losses.append(float(m["loss"]))
 
+  scan = {}
+  if mode == "sharded":  # the same two steps as one scan over examples held on the devices
+    table = parallel.put_replicated({k: np.concatenate([b[k] for b in batches])
+                                     for k in ("image", "mos")}, mesh)
+    rows = np.arange(2 * BATCH).reshape(2, ACCUM, BATCH // ACCUM)
+    scanned, m = parallel.jit_train_epoch(make_step, mesh)(
+        parallel.put_state(state, labels, mesh), table, rows)
+    scan = {"scan_loss": _max_diff(list(np.asarray(m["loss"])), ref_losses),
+            "scan_params": _max_diff(scanned.params, ref.params)}
+
   images = rng.normal(size=(12, 32, 32, 3)).astype(np.float32)  # 12: padded to 16 on 8 devices
   eval_one = jax.jit(make_eval_step(model))(ref.params, images)
   eval_par = parallel.jit_eval_step(make_eval_step(model), mesh)(par.params, images)
-  return {"devices": len(mesh.devices.flat), "losses": losses, "ref_losses": ref_losses,
+  return {**scan, "devices": len(mesh.devices.flat), "losses": losses, "ref_losses": ref_losses,
           "loss": _max_diff(losses, ref_losses), "params": _max_diff(par.params, ref.params),
           "opt_state": _max_diff(par.opt_state, ref.opt_state),
           "param_change": _max_diff(ref.params, state.params), "step": int(par.step),
@@ -211,6 +221,12 @@ def test_one_step_on_8_devices_matches_one_device(eight_devices, mode):
   assert r["loss"] <= LOSS_TOL, r
   assert r["params"] <= PARAM_TOL, r
   assert r["opt_state"] <= PARAM_TOL, r
+
+
+def test_an_epoch_scanned_on_8_devices_matches_one_device(eight_devices):
+  r = eight_devices["sharded"]  # parallel.jit_train_epoch, the feature cache's in-memory epochs
+  assert r["scan_loss"] <= LOSS_TOL, r
+  assert r["scan_params"] <= PARAM_TOL, r
 
 
 @pytest.mark.parametrize("mode", ["sharded", "pmap"])

@@ -65,6 +65,19 @@ def test_shards_are_disjoint_and_cover(records):
   assert uneven == [3, 3, 3]  # equal step counts on every process
 
 
+def test_epoch_order_is_grains_shuffle_and_the_loaders_order(records):
+  import grain
+  for seed, epoch, k, n in [(8, 0, 0, 1), (25, 3, 1, 3), (0, 7, 2, 5)]:
+    order = pipeline.epoch_order(len(records), seed, epoch, k, n)
+    # The loader's order before epoch_order existed: grain's shuffle of the whole set, sliced.
+    grain_ds = grain.MapDataset.source(pipeline.RecordSource(records)).shuffle(
+        seed=pipeline.epoch_seed(seed, epoch))[k:len(records) // n * n:n]
+    assert order.tolist() == [grain_ds[i]["index"] for i in range(len(grain_ds))]
+    loader = pipeline.make_train_loader(records, PP, 1, seed=seed, epoch=epoch, shard_index=k,
+                                        shard_count=n)
+    assert sum(_indices(loader), []) == order.tolist()
+
+
 def test_workers_give_the_same_batches(records):
   want = _indices(pipeline.make_train_loader(records, PP, 4, seed=8, epoch=2))
   assert _indices(pipeline.make_train_loader(records, PP, 4, seed=8, epoch=2, workers=1)) == want

@@ -96,6 +96,10 @@ class CachedImages(Sequence):
       self._array = np.load(self.file, mmap_mode="r")
     return np.array(self._array[self.rows[i]])
 
+  def to_array(self) -> np.ndarray:
+    """Every row at once, (len, ...) in path order: a feature cache read into memory."""
+    return np.load(self.file, mmap_mode="r")[self.rows]
+
   def __getstate__(self):  # worker processes reopen the memmap instead of pickling the images
     return {**self.__dict__, "_array": None}
 

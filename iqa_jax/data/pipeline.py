@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
+import operator
 import os
 from collections.abc import Iterator, Sequence
 
@@ -172,6 +174,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def epoch_order(n: int, seed: int, epoch: int, shard_index: int = 0,
+                shard_count: int = 1) -> np.ndarray:
+  """The record indices one shard trains on in one epoch, in order (the train loader's order).
+
+  All shards shuffle range(n) alike with grain and take every shard_count-th index from the
+  shard_index-th, so shards are disjoint; each takes n // shard_count, so all run the same
+  number of steps.
+  """
+  ds = grain.MapDataset.range(n).shuffle(seed=epoch_seed(seed, epoch))
+  per_shard = n // shard_count
+  ds = ds[shard_index:per_shard * shard_count:shard_count]
+  return np.fromiter((ds[i] for i in range(len(ds))), np.int64, len(ds))
+
+
 def _source(records, cache, pp_str, tfds=None):
   if cache:
     return CachedSource(records, cache, pp_str)
@@ -185,15 +201,11 @@ def make_train_loader(records: Sequence[Record], pp_str: str, batch_size: int, *
                       epoch: int, workers: int = 0, shard_index: int = 0, shard_count: int = 1,
                       drop_remainder: bool = True, threads: int | None = None,
                       cache: str | None = None, tfds: str | None = None) -> Loader:
-  """Shuffled batches {'image', 'mos', 'index'} of one epoch for this shard (JAX process).
-
-  All shards shuffle the whole dataset alike and take every shard_count-th example, so shards are
-  disjoint; each takes len // shard_count examples, so all run the same number of steps.
-  """
-  ds = grain.MapDataset.source(_source(records, cache, pp_str, tfds))
-  ds = ds.shuffle(seed=epoch_seed(seed, epoch))
-  per_shard = len(records) // shard_count
-  ds = ds[shard_index:per_shard * shard_count:shard_count]
+  """Shuffled batches {'image', 'mos', 'index'} of one epoch for this shard (JAX process), in
+  epoch_order."""
+  order = epoch_order(len(records), seed, epoch, shard_index, shard_count)
+  source = _source(records, cache, pp_str, tfds)
+  ds = grain.MapDataset.source(order.tolist()).map(functools.partial(operator.getitem, source))
   ds = ds.map(_preprocess(pp.get_preprocess_fn(pp_str)))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   return Loader(ds, workers=workers, threads=threads)

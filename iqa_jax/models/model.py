@@ -83,6 +83,11 @@ class IQAModel(nn.Module):
     return score, out
 
 
+# The config.model fields that make the head (a head trained on another run's features is
+# scored on that run's backbone with these fields of its own).
+HEAD_FIELDS = ("head", "head_hidden", "feature_keep_percentile", "input_dropout", "head_dropout")
+
+
 def head_from_config(model_config: ml_collections.ConfigDict) -> QualityHead:
   """config.model -> the quality head, with the Table 4 / S3 ablation fields when set."""
   def get(key):
