@@ -42,8 +42,11 @@ from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
 FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
 RUN_RECORD = "features.json"  # in a run folder: the fingerprint of the cache it trained on
 # Fields of config.model / config.data that decide the feature an image gets.
-MODEL_KEYS = ("backbone", "init", "variant", "arch", "dtype", "param_dtype",
-              "unet_init", "prompt", "timestep", "adapter")  # the last four: cleandift
+# Every config.model field decides the feature except these, which shape only the head or how
+# training runs (a field added later counts until it is listed here: a cache is then refused
+# rather than silently reused for a backbone that computes something else).
+HEAD_AND_TRAINING_KEYS = ("head", "head_hidden", "finetune", "lora", "remat", "scan", "attention",
+                          "feature_keep_percentile", "input_dropout", "head_dropout")
 DATA_KEYS = ("image_size", "pp", "normalize_on_device")
 
 
@@ -64,7 +67,7 @@ def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None
   another run's backbone on that run's trained weights (their digest)."""
   model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
   data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
-  fp = {f"model.{k}": model.get(k) for k in MODEL_KEYS}
+  fp = {f"model.{k}": v for k, v in sorted(model.items()) if k not in HEAD_AND_TRAINING_KEYS}
   fp.update({f"data.{k}": data.get(k) for k in DATA_KEYS})
   if not model.get("init") and not source_run:
     fp["seed"] = int(config.seed)

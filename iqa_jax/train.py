@@ -196,16 +196,15 @@ def check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int, workdir: 
       f"large sets).")
 
 
-def end_epoch(epoch: int, state: TrainState, step_metrics: dict, t0: float, progress: Progress,
-              *, config, scores: np.ndarray, val_recs, lr: float, workdir: Path,
+def end_epoch(epoch: int, state: TrainState, step_metrics: dict, t0: float, train_s: float,
+              progress: Progress, *, config, scores: np.ndarray, val_recs, lr: float, workdir: Path,
               ckpt: checkpoint.RunCheckpoints, labels) -> None:
   """The epoch's bookkeeping: validation metrics, history, best predictions, checkpoints, log."""
   optim = config.optim
   losses = np.asarray(jax.device_get(step_metrics["loss"]), np.float64)
-  train_time = time.time() - t0
   val = metrics.compute_metrics(scores, [r.mos for r in val_recs])
   entry = {"epoch": epoch, "step": int(state.step), "train_loss": float(losses.mean()),
-           "lr": lr, "train_img_per_s": len(losses) * optim.batch_size / max(train_time, 1e-9),
+           "lr": lr, "train_img_per_s": len(losses) * optim.batch_size / max(train_s, 1e-9),
            "val": val, "time_s": time.time() - t0}
   if config.log_grad_norm:
     entry["grad_norm"] = float(np.mean(jax.device_get(step_metrics["grad_norm"])))
@@ -302,8 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t0 = time.time()
     state, step_metrics = train(state, epoch)
     check_finite(np.asarray(jax.device_get(step_metrics["loss"]), np.float64), epoch,
-                 steps_per_epoch, workdir)
-    end_epoch(epoch, state, step_metrics, t0, progress, config=config,
+                 steps_per_epoch, workdir)  # waits for the epoch's last step
+    train_s = time.time() - t0  # the img/s of the log: training only, not validation
+    end_epoch(epoch, state, step_metrics, t0, train_s, progress, config=config,
               scores=val_scores(state.params), val_recs=val_recs,
               lr=float(lr_at(epoch * steps_per_epoch)), workdir=workdir, ckpt=ckpt, labels=labels)
 

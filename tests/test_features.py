@@ -179,3 +179,20 @@ def test_a_head_on_another_runs_features_scores_on_that_backbone(
   assert score.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and f"the run {src}, which is missing" in err
+
+
+def test_fingerprint_covers_every_backbone_field_and_no_head_field(tiny_demo_dir):
+  """A family's own field (PE's tap layer, DINOv2's pooling) decides the cached feature; the head
+  and training fields do not, so heads of any kind reuse one cache."""
+  base = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen"})
+  fp = features.fingerprint(base)
+  for field, value in (("tap_layer", 3), ("pool", "cls")):
+    other = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen"})
+    with other.unlocked():
+      other.model[field] = value
+    problem = features._mismatch(fp, features.fingerprint(other))
+    assert problem == f"model.{field} is None in the cache but {value!r} here", problem
+  for field, value in (("head", "sigmoid"), ("finetune", "lora"), ("head_dropout", 0.3),
+                       ("feature_keep_percentile", 50.0), ("remat", "dots")):
+    other = tiny_demo_config(tiny_demo_dir, **{f"model.{field}": value})
+    assert features.fingerprint(other) == fp, field
