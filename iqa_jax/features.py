@@ -45,8 +45,7 @@ RUN_RECORD = "features.json"  # in a run folder: the fingerprint of the cache it
 # Every config.model field decides the feature except these, which shape only the head or how
 # training runs (a field added later counts until it is listed here: a cache is then refused
 # rather than silently reused for a backbone that computes something else).
-HEAD_AND_TRAINING_KEYS = ("head", "head_hidden", "finetune", "lora", "remat", "scan", "attention",
-                          "feature_keep_percentile", "input_dropout", "head_dropout")
+HEAD_AND_TRAINING_KEYS = HEAD_FIELDS + ("finetune", "lora", "remat", "scan", "attention")
 DATA_KEYS = ("image_size", "pp", "normalize_on_device")
 
 
