@@ -35,11 +35,15 @@ def merge_params(a, b):
 def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_accum: int = 1,
                     margin_lambda: float = 0.25, margin_weight: float = 1.0,
                     with_grad_norm: bool = False, micro_batched: bool = False,
-                    axis_name: str | None = None) -> Callable:
+                    axis_name: str | None = None, fuse_micro_batches: bool = False) -> Callable:
   """-> train_step(state, batch) -> (state, metrics); batch holds 'image' and 'mos'.
 
   micro_batched: the batch is already (grad_accum, micro, ...), as parallel.put_batch lays it out.
   axis_name: inside pmap over that axis; the loss sees the whole micro-batch, grads are pmean'd.
+  fuse_micro_batches: one forward and backward over all grad_accum micro-batches, the loss still
+  taken per micro-batch (Eq. 1's pairs stay within one) and averaged: the same gradient in fewer,
+  larger matmuls. For a model without batch-coupled layers whose micro-batches fit at once (the
+  head on stored features); dropout masks are then drawn once per step. Ignored with axis_name.
   """
 
   def loss_fn(trainable, frozen, images, mos, weight, rng):
@@ -52,6 +56,17 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     return loss, parts
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def fused_loss_fn(trainable, frozen, images, mos, weight, rng):
+    k, m = mos.shape  # (grad_accum, micro)
+    params = merge_params(trainable, frozen)
+    pred, _ = model.apply({"params": params}, images.reshape((k * m,) + images.shape[2:]),
+                          train=True, rngs={"dropout": rng})
+    losses, parts = jax.vmap(lambda p, y, w: iqa_loss(p, y, margin_lambda, margin_weight, w))(
+        pred.reshape(k, m), mos, weight)
+    return losses.sum(), jax.tree.map(jnp.sum, parts)  # sums over micro-batches, as `one` adds
+
+  fused_grad_fn = jax.value_and_grad(fused_loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     trainable, frozen = split_params(state.params, labels)
@@ -78,7 +93,9 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, jnp.zeros(()), {"mse": jnp.zeros(()), "margin": jnp.zeros(())})
     images, mos, weight = micro(images), micro(mos), micro(weight)
-    if k == 1:
+    if fuse_micro_batches and not axis_name:
+      (loss, parts), grads = fused_grad_fn(trainable, frozen, images, mos, weight, step_rng)
+    elif k == 1:
       (grads, loss, parts), _ = one(init, (0, images[0], mos[0], weight[0]))
     else:
       (grads, loss, parts), _ = jax.lax.scan(one, init, (jnp.arange(k), images, mos, weight))
