@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from iqa_jax.defaults import load_config_file
 
 # The anchors' --tiny tower (torch_reference.py), small enough for a CPU.
 TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -62,15 +63,6 @@ TINY_MODEL = {
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
 TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
-
-
-def load_config(spec: str):
-  """'configs/x.py:arg' -> get_config(arg), as `--config` of train.py reads it."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def apply_override(config, item: str) -> None:
@@ -401,7 +393,7 @@ def main(argv=None) -> int:
   ap.add_argument("--torch-compile", action="store_true", help="pass --compile to the reference")
   a = ap.parse_args(argv)
 
-  config = load_config(a.config)
+  config = load_config_file(a.config)
   config.model.init = None
   config.optim.batch_size, config.optim.grad_accum = a.batch, a.grad_accum
   config.optim.schedule = "constant"  # "auto" needs a dataset; the lr does not change the speed

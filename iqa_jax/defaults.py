@@ -128,6 +128,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values, type_safe=False)
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:arg' -> that file's get_config(arg), as `--config` of train.py reads it."""
+  import importlib.util
+  path, _, arg = str(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location("iqa_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def flag_error(e: Exception) -> str:
   """absl/config_flags wrap a config file's error in a multi-line traceback; its last line is
   the one that says what is wrong (e.g. the unknown config argument)."""

@@ -23,16 +23,13 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   t0 = time.time()
 
-  import importlib.util
-
   from iqa_jax import export, metrics, score, train
   from iqa_jax.data import demo
+  from iqa_jax.defaults import load_config_file
 
   cfg_file = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
-  spec = importlib.util.spec_from_file_location("demo_config", cfg_file)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(",".join(x for x in (f"dir={a.data_dir}", a.config_arg) if x))
+  config = load_config_file(f"{cfg_file}:" + ",".join(
+      x for x in (f"dir={a.data_dir}", a.config_arg) if x))
 
   folder = demo.build_demo(a.data_dir)
   print(f"demo set: {folder} ({len(demo.load(a.data_dir))} distorted images)")

@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
-from jax.experimental.compilation_cache import compilation_cache
 
-from iqa_jax import features, run_folder, train
+from iqa_jax import features, parallel, run_folder, train
 from iqa_jax.data import datasets
 from iqa_jax.defaults import flag_error
 from iqa_jax.models.head import resolve_head
@@ -131,28 +129,6 @@ def run_config(base: ml_collections.ConfigDict, dataset: DatasetSpec, head: str,
     c.data.options[key] = value
   c.name = f"{dataset.slug}/{head.replace(',', '+')}/seed{seed}"
   return c
-
-
-@contextlib.contextmanager
-def persistent_compile_cache(path: str | Path | None):
-  """XLA programs cached on disk while the matrix runs: its runs share them (tiny CPU run 17 s ->
-  3 s, same numbers). The process's previous settings come back afterwards. None: no cache."""
-  if path is None:
-    yield
-    return
-  settings = {"jax_compilation_cache_dir": str(path),
-              "jax_persistent_cache_min_compile_time_secs": 0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  compilation_cache.reset_cache()  # a cache opened earlier in the process would win otherwise
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  try:
-    yield
-  finally:
-    for k, v in previous.items():
-      jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -262,7 +238,8 @@ def run_matrix(base: ml_collections.ConfigDict, dataset_specs: Sequence[str], se
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   cache = None if compile_cache is None else (compile_cache or out / "jax_cache")
-  with persistent_compile_cache(cache):
+  # None keeps the process's own settings (no cache of the matrix's).
+  with contextlib.nullcontext() if cache is None else parallel.persistent_compile_cache(cache):
     for dataset in specs:
       for head in heads:
         for seed in seeds:

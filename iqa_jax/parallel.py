@@ -11,6 +11,7 @@ devices of all processes; docs/parallel.md has the arithmetic and the multi-host
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +49,27 @@ def enable_compilation_cache(path: str, min_compile_s: float = 1.0) -> None:
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(path, min_compile_s: float = 0.0):
+  """jax's persistent XLA cache in `path` while the block runs (None: no cache in the block); the
+  process's previous settings come back afterwards. The run matrix shares compiled programs
+  across its runs this way (tiny CPU run 17 s -> 3 s, same numbers), the tests across tests."""
+  from jax.experimental.compilation_cache import compilation_cache
+  settings = {"jax_compilation_cache_dir": None if path is None else str(path),
+              "jax_persistent_cache_min_compile_time_secs": min_compile_s,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  previous = {k: getattr(jax.config, k) for k in settings}
+  compilation_cache.reset_cache()  # a cache opened earlier in the process would win otherwise
+  for k, v in settings.items():
+    jax.config.update(k, v)
+  try:
+    yield path
+  finally:
+    for k, v in previous.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -13,7 +13,6 @@ path pmap and multi-process runs take.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import tempfile
@@ -24,11 +23,8 @@ import numpy as np
 
 
 def gated_config(data_dir: Path, feats: Path, epochs: int):
-  spec = importlib.util.spec_from_file_location(
-      "gated_config", Path(__file__).resolve().parent.parent / "configs" / "siglip2_gated.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from iqa_jax.defaults import load_config_file
+  c = load_config_file(Path(__file__).resolve().parent.parent / "configs" / "siglip2_gated.py")
   c.model.finetune = "frozen"
   c.data.update(name="csv", dir=str(data_dir), features=str(feats))
   c.optim.epochs = epochs

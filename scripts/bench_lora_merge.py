@@ -10,7 +10,6 @@ alternating rounds), plus XLA's FLOP count per image, which no other load on the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -19,11 +18,8 @@ import numpy as np
 
 
 def _demo_config(arch: str, size: int):
-  spec = importlib.util.spec_from_file_location(
-      "demo_config", Path(__file__).resolve().parent.parent / "configs" / "demo.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from iqa_jax.defaults import load_config_file
+  c = load_config_file(Path(__file__).resolve().parent.parent / "configs" / "demo.py")
   c.model.finetune = "lora"
   if arch == "so400m":
     c.model.arch = dict(image_size=size)

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random HF models saved to temporary folders."""
-import contextlib
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -9,25 +8,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 
 
-@contextlib.contextmanager
 def compile_cache(folder):
-  """jax's persistent compilation cache in `folder` (None: off) while the block runs; the
-  previous settings come back afterwards."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-  settings = {"jax_compilation_cache_dir": None if folder is None else str(folder),
-              "jax_persistent_cache_min_compile_time_secs": 0.2,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  compilation_cache.reset_cache()  # a cache opened earlier in the process would win otherwise
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  try:
-    yield folder
-  finally:
-    for k, v in previous.items():
-      jax.config.update(k, v)
-    compilation_cache.reset_cache()
+  """jax's persistent compilation cache in `folder` (None: off) while the block runs."""
+  from iqa_jax.parallel import persistent_compile_cache
+  return persistent_compile_cache(folder, min_compile_s=0.2)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -96,13 +80,11 @@ def tiny_demo_dir(tmp_path_factory):
 
 def load_config(name: str, arg: str | None = None):
   """configs/<name>.py's get_config(arg), as the train CLI loads it."""
-  import importlib.util
   from pathlib import Path
-  spec = importlib.util.spec_from_file_location(
-      f"{name}_config", Path(__file__).resolve().parent.parent / "configs" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+
+  from iqa_jax.defaults import load_config_file
+  path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
+  return load_config_file(f"{path}:{arg}" if arg else path)
 
 
 def zeros_like_init(module, x):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from iqa_jax import bench
+from iqa_jax.defaults import load_config_file
 from iqa_jax.models.siglip import VARIANTS, SiglipConfig
 
 
@@ -43,7 +44,7 @@ def _one_config_per_family() -> dict[str, str]:
   root = Path(__file__).resolve().parent.parent / "configs"
   found: dict[str, str] = {}
   for path in sorted(root.glob("*.py")):
-    found.setdefault(bench.load_config(str(path)).model.backbone, str(path))
+    found.setdefault(load_config_file(str(path)).model.backbone, str(path))
   return found
 
 

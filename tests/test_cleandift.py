@@ -327,9 +327,9 @@ def test_score_evaluate_and_features_give_the_runs_predictions(matrix, tmp_path)
   from `score`, from `evaluate`, and from its trained head on the feature cache's rows. The
   matrix's XLA cache serves the programs the run already compiled (random init, eval step):
   measured CPU time of `score` 49 s without it, 4 s with it."""
-  from iqa_jax import experiments
+  from iqa_jax import parallel
   root = matrix[0]
-  with experiments.persistent_compile_cache(root / "m" / "jax_cache"):
+  with parallel.persistent_compile_cache(root / "m" / "jax_cache"):
     _score_evaluate_and_features(matrix, tmp_path)
 
 
