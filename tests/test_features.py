@@ -33,12 +33,16 @@ def test_head_from_cache_equals_end_to_end_frozen_training(frozen_runs):
   a, _ = checkpoint.load_params(root / "e2e", "last")
   b, _ = checkpoint.load_params(root / "cached", "last")
   assert sorted(b) == sorted(k for k in a if k.startswith("head."))  # the head, nothing else
-  # Float32 on CPU, the cached run's epoch one scan over rows held in memory: measured max
-  # |difference| 0.0 (same features, same batches, same RNG, same step).
+  # Same batches, RNG and step, but the cache's features come from the backbone at batch 64 and
+  # the end-to-end run's at batch 12: two XLA programs whose float32 CPU kernels may round apart
+  # (features up to 1.2e-6 apart, |f| <= 4.4). Measured on two hosts of our kind (issue 19): head
+  # params max |difference| 1.44e-5, PLCC 6.0e-7, SRCC 0; 1-4 ulp of noise put on the cached
+  # features gives 1.7e-5-1.8e-5. Bounds: params 5e-5 (3.5x), PLCC 3e-6 (5x); SRCC 1e-4, as one
+  # swap of two neighbouring ranks among the 60 validation images moves it by 5.6e-5.
   diff = max(float(np.abs(np.asarray(b[k]) - np.asarray(a[k])).max()) for k in b)
-  assert diff <= 1e-6
-  assert cached["best"]["srcc"] == pytest.approx(e2e["best"]["srcc"], abs=1e-6)
-  assert cached["best"]["plcc"] == pytest.approx(e2e["best"]["plcc"], abs=1e-6)
+  assert diff <= 5e-5
+  assert cached["best"]["srcc"] == pytest.approx(e2e["best"]["srcc"], abs=1e-4)
+  assert cached["best"]["plcc"] == pytest.approx(e2e["best"]["plcc"], abs=3e-6)
 
 
 def test_cached_rows_are_the_backbone_feature_of_each_image(frozen_runs, tiny_demo_dir):
@@ -125,12 +129,15 @@ def test_scanned_epochs_equal_the_per_batch_loop(frozen_runs, tiny_demo_dir, tmp
   scanned = train.train_and_evaluate(config, str(tmp_path / "scan"))
   monkeypatch.setattr(train, "in_memory", lambda config: False)
   looped = train.train_and_evaluate(config, str(tmp_path / "loop"))
-  # Measured 0.0: the same rows, batches, RNG and step, whether scanned or called per batch.
-  assert _max_diff(tmp_path / "scan", tmp_path / "loop") <= 1e-7
+  # The same rows, batches, RNG and step, but an epoch scanned as one program vs one program per
+  # step: XLA may fuse and round them apart (measured 0.0 on our hosts so far). Grounded in the
+  # first test: one ulp of difference anywhere in an epoch's inputs moves the head params by
+  # ~1.7e-5 and the train loss by ~4e-7 (relative); SRCC bound as there.
+  assert _max_diff(tmp_path / "scan", tmp_path / "loop") <= 5e-5
   hist = [checkpoint.read_history(tmp_path / r) for r in ("scan", "loop")]
   np.testing.assert_allclose([h["train_loss"] for h in hist[0]],
-                             [h["train_loss"] for h in hist[1]], rtol=1e-6)
-  assert scanned["final"]["srcc"] == pytest.approx(looped["final"]["srcc"], abs=1e-6)
+                             [h["train_loss"] for h in hist[1]], rtol=2e-6)
+  assert scanned["final"]["srcc"] == pytest.approx(looped["final"]["srcc"], abs=1e-4)
 
 
 def _val_predictions(run):

@@ -34,6 +34,23 @@ def _rows(path):
     return list(csv.DictReader(f))
 
 
+# An image scored in a batch of 4 and in a batch of 11 (or at another position) runs through
+# differently shaped XLA programs, whose CPU kernels may round differently on another host: one
+# host of our kind printed 1.953409 vs 1.953410 and 0.211713 vs 0.211714 (issue 19). Scores are
+# written to 6 decimals, so the printed gap is up to 1e-6 from rounding plus a few float32 ulps
+# (2.4e-7 at 2.0). SCORE_TOL is 5x the gap seen; the mos column is score * 4 + 1 (KADID).
+SCORE_TOL = 5e-6
+
+
+def assert_same_scores(got: list[dict], want: list[dict]):
+  """The same rows (paths in the same order, the same errors), scores equal up to SCORE_TOL."""
+  assert [(r["path"], r["error"]) for r in got] == [(r["path"], r["error"]) for r in want]
+  for col, tol in (("score", SCORE_TOL), ("mos", 4 * SCORE_TOL)):
+    a = np.array([float(r[col] or "nan") for r in got])
+    b = np.array([float(r[col] or "nan") for r in want])
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=col)
+
+
 def test_folder_scoring_with_bad_inputs(trained_run, odd_inputs, tmp_path, capsys):
   _, workdir, _ = trained_run
   out = tmp_path / "s.csv"
@@ -66,7 +83,7 @@ def test_scores_equal_the_runs_validation_predictions(trained_run, tmp_path):
   got = _rows(out)
   assert [r["path"] for r in got] == [r["path"] for r in preds[:10]]
   np.testing.assert_allclose([float(r["score"]) for r in got],
-                             [float(r["pred"]) for r in preds[:10]], atol=1e-5)
+                             [float(r["pred"]) for r in preds[:10]], atol=SCORE_TOL)
   # --resume: the 10 rows stay, only new paths are appended.
   lst.write_text("\n".join(r["path"] for r in preds[:14]) + "\n")
   assert score.main(["--workdir", str(workdir), "--out", str(out), "--no-progress", "--resume",
@@ -137,7 +154,11 @@ def test_shards_merged_equal_one_unsharded_run(model_dir, val_paths, tmp_path, c
   assert [len(_rows(p)) for p in parts] == [4, 4, 3]
   merged = tmp_path / "merged.csv"
   assert _main("merge", merged, *parts[::-1]) == 0
-  assert merged.read_text() == (tmp_path / "all.csv").read_text()
+  # merge copies the parts' rows, interleaved back into input order: exact, by construction.
+  by_part = [_rows(p) for p in parts]
+  assert _rows(merged) == [by_part[i % 3][i // 3] for i in range(len(val_paths))]
+  # Against one unsharded run: other batches, so equal up to float32 rounding.
+  assert_same_scores(_rows(merged), _rows(tmp_path / "all.csv"))
   capsys.readouterr()
   bad = tmp_path / "bad.csv"
   assert _main("merge", bad, parts[0], parts[1]) == 2
@@ -173,7 +194,9 @@ def test_resume_repairs_a_cut_line_and_retries_errors(model_dir, val_paths, tmp_
   out.write_text("\n".join(broken))
   capsys.readouterr()
   assert _score(model_dir, out, "--resume", *paths) == 0
-  assert _rows(out) == _rows(ref)
+  got = _rows(out)
+  assert got[:2] == _rows(ref)[:2]  # kept rows are copied, not rescored
+  assert_same_scores(got, _rows(ref))  # the 4 rescored in other batches: up to rounding
   assert "scored 4, failed 0, kept 2, rescored 2" in capsys.readouterr().out
 
 
