@@ -5,12 +5,15 @@ python -m iqa_jax.bench --config configs/siglip2_gated.py --batch 8 --tiny      
 python -m iqa_jax.bench --config configs/dinov2.py --batch 8 --tiny --flops-only    # no compile
 python -m iqa_jax.bench --config configs/siglip2_gated.py --set model.remat=dots --set donate=False
 python -m iqa_jax.bench --config configs/siglip2_gated.py --vs-torch scratch/torch_reference.py
+python -m iqa_jax.bench --tiny --batch 8 --vs-torch ../shared/anchors/torch_cpu_reference.py
 
 Prints train img/s, inference img/s, peak device memory, compile time and TFLOP/s, then one
 `BENCH_JSON {...}` line. `--set KEY=VALUE` overrides a config field (the levers: model.remat,
 model.attention, model.param_dtype, parallel, donate, prefetch, compilation_cache). `--vs-torch`
-first runs the paper's PyTorch stack (../shared/anchors/torch_reference.py) in a subprocess,
-where torch with CUDA is present, and prints the ratios.
+runs the paper's PyTorch stack in a subprocess and prints the ratios: on a GPU
+../shared/anchors/torch_reference.py first (where torch sees CUDA); on a CPU
+../shared/anchors/torch_cpu_reference.py after the JAX side, at the SigLIP shape, batches and
+steps it timed (`--set model.arch=...`, `--set data.image_size=...`, `--batch`, `--infer-batch`).
 """
 from __future__ import annotations
 
@@ -63,6 +66,9 @@ TINY_MODEL = {
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
 TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
+# What the CPU anchor (torch_cpu_reference.py) needs to build the same SigLIP tower.
+SIGLIP_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "patch_size")
 
 
 def apply_override(config, item: str) -> None:
@@ -319,20 +325,47 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "infer_tflops": tflops(fwd, infer_ips),
       "xla_train_tflops": None if xla_train is None else xla_train * steps / train_s / 1e12,
       "xla_infer_tflops": None if xla_eval is None else xla_eval * steps / infer_s / 1e12,
-      "loss": loss,
+      "loss": loss, "backbone": config.model.backbone,
+      "tower": ({k: getattr(model.backbone.cfg, k) for k in SIGLIP_SHAPE}
+                if config.model.backbone == "siglip" else None),
   }
 
 
-def torch_reference(path: str, batch: int, infer_batch: int, steps: int, tiny: bool,
-                    compile_: bool = False) -> dict | None:
-  """The PyTorch anchor in a subprocess, where torch sees a CUDA device; None otherwise."""
+def torch_has_cuda() -> bool:
   probe = subprocess.run([sys.executable, "-c", "import torch, sys; "
                           "sys.exit(0 if torch.cuda.is_available() else 3)"],
                          capture_output=True, text=True)
-  if probe.returncode != 0:
+  return probe.returncode == 0
+
+
+def is_cpu_reference(path: str) -> bool:
+  """torch_cpu_reference.py takes the tower's shape (--width ...); torch_reference.py does not."""
+  return "--width" in Path(path).read_text()
+
+
+def cpu_reference_args(r: dict, warmup: int) -> list[str]:
+  """The CPU anchor's flags for the SigLIP tower `run` just timed: the same shape and batches."""
+  t = r.get("tower")
+  if t is None:
+    raise ValueError(f"--vs-torch on CPU compares SigLIP towers only (config.model.backbone is "
+                     f"{r['backbone']!r})")
+  return ["--width", t["hidden_size"], "--layers", t["num_hidden_layers"], "--heads",
+          t["num_attention_heads"], "--mlp", t["intermediate_size"], "--patch", t["patch_size"],
+          "--size", r["image_size"], "--batch", r["batch"], "--infer-batch", r["infer_batch"],
+          "--steps", r["steps"], "--warmup", warmup]
+
+
+def torch_reference(path: str, batch: int, infer_batch: int, steps: int, tiny: bool,
+                    compile_: bool = False, cpu_args: list | None = None) -> dict | None:
+  """The PyTorch anchor in a subprocess: the GPU one where torch sees CUDA, the CPU one (given
+  `cpu_args`) at the JAX side's shape otherwise; None when the two do not fit."""
+  if cpu_args is not None:
+    cmd = [sys.executable, path] + [str(a) for a in cpu_args]
+  elif torch_has_cuda():
+    cmd = [sys.executable, path, "--batch", str(batch), "--infer-batch", str(infer_batch),
+           "--steps", str(steps)] + ["--tiny"] * tiny + ["--compile"] * compile_
+  else:
     return None
-  cmd = [sys.executable, path, "--batch", str(batch), "--infer-batch", str(infer_batch),
-         "--steps", str(steps)] + ["--tiny"] * tiny + ["--compile"] * compile_
   p = subprocess.run(cmd, capture_output=True, text=True)
   if p.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
@@ -364,7 +397,8 @@ def report(r: dict, ref: dict | None = None) -> None:
         f"inference {_fmt(r['xla_infer_tflops'], '', 3)}")
   if ref is not None:
     mem = ref.get("train_peak_mib")
-    print(f"torch      {ref['device']}, compile {ref['compile']}: train "
+    where = ref.get("device") or f"{ref['stack']}, {ref['threads']} threads"
+    print(f"torch      {where}, compile {ref.get('compile', False)}: train "
           f"{ref['train_img_s']} img/s, inference {ref['infer_img_s']} img/s"
           + (f", peak {mem} MiB" if mem else ""))
     print(f"ratio      train {r['train_img_s'] / ref['train_img_s']:.2f}x, inference "
@@ -412,14 +446,23 @@ def main(argv=None) -> int:
     print("BENCH_JSON " + json.dumps(r), flush=True)
     return 0
   ref = None
-  if a.vs_torch:  # before JAX takes the GPU's memory
-    if not Path(a.vs_torch).is_file():
-      print(f"error: --vs-torch {a.vs_torch}: no such file", file=sys.stderr)
-      return 2
+  if a.vs_torch and not Path(a.vs_torch).is_file():
+    print(f"error: --vs-torch {a.vs_torch}: no such file", file=sys.stderr)
+    return 2
+  on_cpu = bool(a.vs_torch) and is_cpu_reference(a.vs_torch)
+  if a.vs_torch and not on_cpu:  # before JAX takes the GPU's memory
     ref = torch_reference(a.vs_torch, a.batch, a.infer_batch, a.steps, a.tiny, a.torch_compile)
     if ref is None:
-      print("torch      skipped: torch with CUDA is not present here")
+      print("torch      skipped: torch with CUDA is not present here (on a CPU, pass "
+            "../shared/anchors/torch_cpu_reference.py)")
   r = run(config, a.batch, a.infer_batch, a.steps, a.warmup, a.feed, a.host_sync)
+  if on_cpu:  # after JAX, at the shape it timed, on the same cores
+    try:
+      ref = torch_reference(a.vs_torch, a.batch, a.infer_batch, a.steps, a.tiny,
+                            cpu_args=cpu_reference_args(r, a.warmup))
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   report(r, ref)
   if ref is not None:
     r["torch"] = ref

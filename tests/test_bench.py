@@ -1,5 +1,6 @@
 """The --tiny benchmark runs on CPU and prints its figures; its FLOP count vs worked numbers."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,21 @@ def test_forward_flops_match_the_anchor_and_a_hand_count():
   assert bench.siglip_forward_flops(tiny, 64) == 1_572_864 + 2 * 1_114_112 + 315_392
 
 
-def test_tiny_bench_prints_its_figures(capsys, tmp_path):
-  reference = tmp_path / "torch_reference.py"
-  reference.write_text("raise SystemExit('must not run without CUDA')\n")
+FAKE_CPU_REFERENCE = """import json, sys
+# --width: a stand-in for torch_cpu_reference.py that records the shape it is asked for
+open(sys.argv[0] + ".args", "w").write(json.dumps(sys.argv[1:]))
+print(json.dumps({"stack": "fake", "threads": 2, "train_img_s": 2.0, "infer_img_s": 4.0}))
+"""
+
+
+def test_tiny_bench_prints_its_figures_and_the_cpu_ratio(capsys, tmp_path):
+  reference = tmp_path / "torch_cpu_reference.py"
+  reference.write_text(FAKE_CPU_REFERENCE)
   assert bench.main(["--config", "configs/siglip2_gated.py", "--batch", "8", "--infer-batch", "8",
                      "--steps", "2", "--warmup", "1", "--tiny",
                      "--vs-torch", str(reference)]) == 0
   out = capsys.readouterr().out
-  for label in ("train ", "inference ", "memory ", "compile ", "TFLOP/s ", "torch "):
+  for label in ("train ", "inference ", "memory ", "compile ", "TFLOP/s ", "torch ", "ratio "):
     assert f"\n{label}" in "\n" + out, out
   r = json.loads(out.split("BENCH_JSON ", 1)[1])
   assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
@@ -36,7 +44,32 @@ def test_tiny_bench_prints_its_figures(capsys, tmp_path):
   # XLA's own count of the compiled eval step agrees with the analytic one.
   assert r["xla_infer_tflops"] / r["infer_tflops"] == pytest.approx(1.0, abs=0.3)
   assert r["train_peak_mib"] is not None or r["train_compiled_mib"] > 0
-  assert "torch" not in r  # no CUDA here: the reference is skipped, not run
+  # The CPU anchor ran after the JAX side at the tower, batches and steps that were timed.
+  asked = json.loads((tmp_path / "torch_cpu_reference.py.args").read_text())
+  t = bench.TINY_ARCH
+  assert asked == [str(v) for v in (
+      "--width", t["hidden_size"], "--layers", t["num_hidden_layers"], "--heads",
+      t["num_attention_heads"], "--mlp", t["intermediate_size"], "--patch", t["patch_size"],
+      "--size", 64, "--batch", 8, "--infer-batch", 8, "--steps", 2, "--warmup", 1)]
+  assert r["torch"]["train_img_s"] == 2.0
+  ratio = f"ratio      train {r['train_img_s'] / 2.0:.2f}x, inference {r['infer_img_s'] / 4.0:.2f}x"
+  assert ratio in out, out
+  # The real anchor takes those flags and times the same tower (torch is a test dependency).
+  anchor = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "torch_cpu_reference.py"
+  if not anchor.is_file() and not os.environ.get("CI"):
+    pytest.skip(f"{anchor} is not here")
+  real = bench.torch_reference(str(anchor), 8, 8, 1, True,
+                               cpu_args=bench.cpu_reference_args(r, 0))
+  assert real["train_img_s"] > 0 and real["infer_img_s"] > 0
+
+
+def test_gpu_reference_without_cuda_is_skipped(tmp_path, capsys):
+  gpu_reference = tmp_path / "torch_reference.py"
+  gpu_reference.write_text("raise SystemExit('must not run without CUDA')\n")
+  assert not bench.is_cpu_reference(str(gpu_reference))
+  if bench.torch_has_cuda():
+    pytest.skip("torch sees a GPU here")
+  assert bench.torch_reference(str(gpu_reference), 8, 8, 2, True) is None
 
 
 def _one_config_per_family() -> dict[str, str]:
