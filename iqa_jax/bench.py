@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa_jax.analysis.compute import compiled_bytes as _compiled_bytes
+from iqa_jax.analysis.compute import xla_flops as _xla_flops
 from iqa_jax.defaults import load_config_file
 
 # The anchors' --tiny tower (torch_reference.py), small enough for a CPU.
@@ -114,26 +116,6 @@ def hand_forward_flops(config, model, size: int) -> float | None:
   return None
 
 
-def _xla_flops(compiled, devices: int) -> float | None:
-  """XLA's FLOP count of a compiled step, all devices (it counts one device's SPMD program)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend reports it
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  return float(cost["flops"]) * devices if cost and cost.get("flops") else None
-
-
-def _compiled_bytes(compiled) -> int | None:
-  """What the compiled program asks of one device: arguments + outputs + scratch - aliased."""
-  try:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-  except Exception:  # noqa: BLE001
-    return None
-
-
 def _peak_bytes() -> int | None:
   import jax
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
@@ -161,9 +143,9 @@ def count_flops(config, batch: int, infer_batch: int) -> dict:
   from jax.sharding import PartitionSpec as P
 
   from iqa_jax import parallel
-  from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+  from iqa_jax.models.model import create_model, make_eval_step
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState, make_train_step
 
   t0 = time.perf_counter()
   config.model.init = None
@@ -225,9 +207,9 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   from jax.sharding import PartitionSpec as P
 
   from iqa_jax import parallel
-  from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+  from iqa_jax.models.model import create_model, make_eval_step
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState, make_train_step
 
   parallel.enable_compilation_cache(config.get("compilation_cache", ""), min_compile_s=0.0)
   config.model.init = None

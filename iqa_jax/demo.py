@@ -23,9 +23,12 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   t0 = time.time()
 
-  from iqa_jax import export, metrics, score, train
+  from iqa_jax import metrics
   from iqa_jax.data import demo
   from iqa_jax.defaults import load_config_file
+  from iqa_jax.inference import exported as export
+  from iqa_jax.inference import score_csv as score
+  from iqa_jax.training import loop as train
 
   cfg_file = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
   config = load_config_file(f"{cfg_file}:" + ",".join(

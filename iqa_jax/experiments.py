@@ -26,10 +26,13 @@ from typing import Any
 
 import ml_collections
 
-from iqa_jax import features, parallel, run_folder, train
+from iqa_jax import parallel
 from iqa_jax.data import datasets
 from iqa_jax.defaults import flag_error
 from iqa_jax.models.head import resolve_head
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.training import features
+from iqa_jax.training import loop as train
 
 # The option a bare NAME:VALUE sets, per adapter.
 MAIN_OPTION = {"demo": "distortions", "koniq10k": "resolution", "agiqa3k": "target"}
@@ -170,7 +173,7 @@ def train_one(config, workdir: Path, labels: dict, retry_failed: bool = False) -
 
 def evaluate_cross(workdir: Path, test: DatasetSpec, test_dir: str, labels: dict) -> dict | None:
   """Best checkpoint of a finished run scored on the whole test dataset (Table 3); cached."""
-  from iqa_jax.evaluate import data_config_for, evaluate_run  # pylint: disable=g-import-not-at-top
+  from iqa_jax.inference.evaluate import data_config_for, evaluate_run  # pylint: disable=g-import-not-at-top
   out = workdir / "cross" / test.slug
   row = _read_json(out / "result.json")
   if row is not None:
@@ -246,11 +249,11 @@ def run_matrix(base: ml_collections.ConfigDict, dataset_specs: Sequence[str], se
           _run_one(base, dataset, head, seed, out, pairs, data_dirs or {}, data_root, plots,
                    retry_failed)
   rows = collect_results(out)
-  from iqa_jax import report  # pylint: disable=g-import-not-at-top
+  from iqa_jax.analysis import report  # pylint: disable=g-import-not-at-top
   for table in report.write_tables(rows, out / "tables"):
     _log(f"table: {table}")
   if plots:
-    from iqa_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    from iqa_jax.analysis import plots as plots_lib  # pylint: disable=g-import-not-at-top
     for path in plots_lib.plot_matrix(rows, out):
       _log(f"plot: {path}")
   return rows
@@ -272,7 +275,7 @@ def _run_one(base, dataset: DatasetSpec, head: str, seed: int, out: Path, pairs,
       evaluate_cross(workdir, test_spec, data_dir_for(test_spec, base, data_dirs, data_root),
                      {**labels, "train": dataset.label})
   if results["status"] == "done" and plots and _plots_stale(workdir):
-    from iqa_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    from iqa_jax.analysis import plots as plots_lib  # pylint: disable=g-import-not-at-top
     plots_lib.plot_run(workdir)
   write_results(out)
 

@@ -34,7 +34,7 @@ def gated_config(data_dir: Path, feats: Path, epochs: int):
 
 def synthetic_cache(root: Path, n: int, dim: int, epochs: int):
   """labels.csv and a feature cache of n rows whose fingerprint is the gated config's."""
-  from iqa_jax import features
+  from iqa_jax.training import features
   rng = np.random.default_rng(0)
   mos = rng.uniform(0, 1, n)
   paths = [str(root / "images" / f"{i:05d}.jpg") for i in range(n)]
@@ -63,7 +63,8 @@ def main() -> None:
   a = ap.parse_args()
   import jax
 
-  from iqa_jax import checkpoint, train
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training import loop as train
   with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp)
     config = synthetic_cache(root, a.n, a.dim, a.epochs)

@@ -53,9 +53,8 @@ def _best_of(rounds: int, runs: dict, steps: int) -> dict:
 
 
 def main() -> None:
-  from iqa_jax.export import merge_lora
-  from iqa_jax.models.model import create_model
-  from iqa_jax.steps import make_eval_step
+  from iqa_jax.inference.exported import merge_lora
+  from iqa_jax.models.model import create_model, make_eval_step
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch", type=int, default=32)

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import make_jpegs, time_epoch  # noqa: E402
 
-from iqa_jax.data import datasets, koniq10k, pipeline  # noqa: E402
+from iqa_jax.data import koniq10k, pipeline  # noqa: E402
 from iqa_jax.defaults import base_config  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main():
     t0 = time.perf_counter()
     import tensorflow  # noqa: F401  (timed apart: every build command pays it once)
     t_import = time.perf_counter() - t0
-    from iqa_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
+    from iqa_jax.data.tfds import build as tfds_build  # pylint: disable=g-import-not-at-top
     shutil.rmtree(data, ignore_errors=True)
     t0 = time.perf_counter()
     folder = tfds_build.build("koniq10k", str(release), str(data))
@@ -74,11 +74,11 @@ def main():
     d = base_config().data
     d.update(name="koniq10k", dir=str(release), tfds_dir=str(data))
     t0 = time.perf_counter()
-    files = pipeline.check_records(datasets.load_records(d))[0]
+    files = pipeline.check_records(pipeline.load_records(d))[0]
     t_files = time.perf_counter() - t0
     d.update(source="tfds", dir="")
     t0 = time.perf_counter()
-    built = pipeline.check_records(datasets.load_records(d), tfds=str(folder))[0]
+    built = pipeline.check_records(pipeline.load_records(d), tfds=str(folder))[0]
     t_tfds = time.perf_counter() - t0
     print(f"records ready to train: files {t_files:.1f} s (adapter + decoding check), "
           f"TFDS {t_tfds:.1f} s (reading every example once)")

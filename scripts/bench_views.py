@@ -66,7 +66,7 @@ def mean_within_photo_srcc(rows, scores) -> float:
 
 
 def main() -> None:
-  from iqa_jax.scorer import Scorer, load_model
+  from iqa_jax.inference.scorer import Scorer, load_model
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True)

@@ -113,7 +113,8 @@ def train_two_steps(tmp_path, config_name: str, arch: dict, data: dict | None = 
   """configs/<name>.py with a tiny random tower through the real train loop: 8 train images
   (6 val), batch 4 = 2 micro-batches x 2, one epoch -> two optimizer steps.
   -> (results, history)."""
-  from iqa_jax import checkpoint, train
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training import loop as train
   config = load_config(config_name, "head=gated")
   config.model.update(init=None, arch=arch, dtype="float32", remat="nothing", **model)
   config.data.update(name="csv", dir=str(tiny_csv_set(tmp_path)), image_size=32,
@@ -145,7 +146,7 @@ def tiny_demo_config(data_dir, **overrides):
 def trained_run(tiny_demo_dir, tmp_path_factory):
   """(config, workdir, results) of a 2-epoch run of the tiny demo config, shared by tests; it
   keeps each epoch's params (ckpt/epochs/1, 2) for Grad-CAM over training."""
-  from iqa_jax import train
+  from iqa_jax.training import loop as train
   workdir = tmp_path_factory.mktemp("run")
   config = tiny_demo_config(tiny_demo_dir, keep_epoch_checkpoints=True)
   return config, workdir, train.train_and_evaluate(config, str(workdir))

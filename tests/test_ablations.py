@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
-from iqa_jax import compute
+from iqa_jax.analysis import compute
 from iqa_jax.models.head import QualityHead, keep_top_percentile
 from iqa_jax.models.model import create_model
 
@@ -97,7 +97,7 @@ def _fake_matrix(folder, runs):
 
 
 def test_retention_tables_delta_is_the_group_mean_change_from_k100(tmp_path, capsys):
-  from iqa_jax import report
+  from iqa_jax import report as report_cli
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
   full = _fake_matrix(tmp_path / "a", [("kadid10k", "baseline", {}, .80, .82),
@@ -108,20 +108,21 @@ def test_retention_tables_delta_is_the_group_mean_change_from_k100(tmp_path, cap
       ("agiqa1k", "baseline", {"feature_keep_percentile": 50.0}, .60, .70),
       ("clive", "baseline", {"feature_keep_percentile": 50.0}, .61, .60),
       ("clive", "baseline", {"input_dropout": 0.3}, .58, .65)])
-  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  assert report_cli.main([str(full), str(masked), "--table", "4"]) == 0
   md = capsys.readouterr().out
   # k=50: Group 1 = mean of (.75-.80, .60-.70) = -.075 SRCC, mean of (-.02, -.04) = -.03 PLCC.
   assert "| MLP-LReLU (Masking) | 50 | .750 | .800 | .600 | .700 | -.075 | -.030 | .610 | .600 " \
          "| .010 | -.060 |" in md
-  assert report.main([str(full), str(masked), "--table", "S3"]) == 0
+  assert report_cli.main([str(full), str(masked), "--table", "S3"]) == 0
   md = capsys.readouterr().out
   assert "| MLP-LReLU w/ Input Dropout | 70 |" in md and "| -.020 | -.010 |" in md
 
 
 def test_table5_labels_published_rows_and_adds_ours(tmp_path, capsys):
-  from iqa_jax import analyses, report
+  from iqa_jax import report as report_cli
+  from iqa_jax.analysis import analyses
   results = _fake_matrix(tmp_path, [("clive", "sigmoid", {}, .901, .925)])
-  assert report.main([str(results), "--table", "5"]) == 0
+  assert report_cli.main([str(results), "--table", "5"]) == 0
   md = capsys.readouterr().out
   assert "| LGDM [27] [diffusion] | published (paper Table 5) | .908 | .940 | .967 |" in md
   assert "| B_Sig (SigLIP2) | this rerun, seeds [8] | .901 | .925 | — |" in md
@@ -132,7 +133,7 @@ def test_table5_labels_published_rows_and_adds_ours(tmp_path, capsys):
 def test_sweep_points_average_seeds_per_lora_rank(tmp_path):
   import json
 
-  from iqa_jax import analyses
+  from iqa_jax.analysis import analyses
   results = _fake_matrix(tmp_path, [
       ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .80, .85),
       ("clive", "gated", {"finetune": "lora", "lora": {"rank": 2}}, .84, .87),
@@ -153,7 +154,7 @@ def test_sweep_points_average_seeds_per_lora_rank(tmp_path):
 
 
 def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(tmp_path):
-  from iqa_jax import analyses
+  from iqa_jax.analysis import analyses
   results = _fake_matrix(tmp_path, [("clive", "baseline", {"finetune": "frozen"}, .80, .86),
                                     ("clive", "baseline", {"finetune": "lora"}, .85, .84),
                                     ("clive", "baseline", {"finetune": "full"}, .90, .92)])
@@ -172,8 +173,10 @@ def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, 
   import csv
   import json
 
-  from iqa_jax import analyses, experiments, report
-  from iqa_jax.run_folder import read_jsonl
+  from iqa_jax import experiments
+  from iqa_jax import report as report_cli
+  from iqa_jax.analysis import analyses
+  from iqa_jax.runs.folder import read_jsonl
   settings = [2, 4] if figure == "S4" else [0, -1]
   results = []
   for value in settings:
@@ -188,7 +191,7 @@ def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, 
     out = tmp_path / f"sweep{value}"
     experiments.run_matrix(c, ["demo"], [8], ["gated"], out, plots=False, compile_cache=None)
     results.append(out / "results.jsonl")
-  assert report.main([str(r) for r in results] + ["--figure", figure]) == 0
+  assert report_cli.main([str(r) for r in results] + ["--figure", figure]) == 0
   printed = capsys.readouterr().out
   assert f"png: {results[0].parent / 'tables' / f'figure{figure}.png'}" in printed
   with open(results[0].parent / "tables" / f"figure{figure}.csv") as f:

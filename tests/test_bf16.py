@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from conftest import TINY_SIGLIP, load_config
 
-from iqa_jax import checkpoint, parallel
+from iqa_jax import parallel
 from iqa_jax.models.model import create_model
-from iqa_jax.optim import make_optimizer
-from iqa_jax.steps import TrainState, make_train_step
+from iqa_jax.runs import checkpoint
+from iqa_jax.training.optim import make_optimizer
+from iqa_jax.training.steps import TrainState, make_train_step
 
 
 def _config(dtype, param_dtype):

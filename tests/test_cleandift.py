@@ -304,7 +304,7 @@ def matrix(tmp_path_factory):
 
 @pytest.mark.slow  # the matrix fixture: three random-init + train-step compiles
 def test_two_train_steps_with_each_head_through_the_matrix(matrix):
-  from iqa_jax import checkpoint
+  from iqa_jax.runs import checkpoint
   root, _, rows = matrix
   runs = {r["head"]: r for r in rows if r["kind"] == "run"}
   assert sorted(runs) == sorted(HEADS)
@@ -336,10 +336,11 @@ def test_score_evaluate_and_features_give_the_runs_predictions(matrix, tmp_path)
 def _score_evaluate_and_features(matrix, tmp_path):
   import ml_collections
 
-  from iqa_jax import checkpoint, features
-  from iqa_jax.evaluate import data_config_for, evaluate_run
+  from iqa_jax.inference.evaluate import data_config_for, evaluate_run
+  from iqa_jax.inference.score_csv import score_paths
   from iqa_jax.models.model import head_from_config
-  from iqa_jax.score import score_paths
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training import features
   root, csv_dir, rows = matrix
   row = next(r for r in rows if r["kind"] == "run" and r["head"] == "gated")
   workdir = root / "m" / row["workdir"]

@@ -4,7 +4,8 @@ import json
 
 from conftest import tiny_demo_config
 
-from iqa_jax import checkpoint, train
+from iqa_jax.runs import checkpoint
+from iqa_jax.training import loop as train
 
 RUN_SPECIFIC = ("time_s", "train_img_per_s")  # wall-clock numbers
 

@@ -8,7 +8,10 @@ import pytest
 from conftest import tiny_demo_config
 from scipy import stats
 
-from iqa_jax import experiments, report, run_folder, train
+from iqa_jax import experiments
+from iqa_jax.analysis import report
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.training import loop as train
 
 BLUR, NOISE = "demo:gaussian_blur+pixelate", "demo:white_noise+jpeg"
 
@@ -112,7 +115,7 @@ def test_rerun_skips_finished_runs(matrix, tiny_demo_dir, monkeypatch, capsys):
   def must_not_train(*_):
     raise AssertionError("a finished run was trained again")
   monkeypatch.setattr(experiments.train, "train_and_evaluate", must_not_train)
-  from iqa_jax import evaluate
+  from iqa_jax.inference import evaluate
   monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("re-evaluated"))
   assert experiments.main(_cli_args(tiny_demo_dir, matrix) + ["--noplots"]) == 0
   assert (matrix / "results.jsonl").read_text() == before

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
-from iqa_jax import explain
+from iqa_jax.analysis import explain
 
 
 class LinearTokens(nn.Module):
@@ -122,10 +122,12 @@ def test_tsne_silhouette_on_known_clusters_matches_sklearn():
 def test_epoch_checkpoints_hold_each_epochs_params(trained_run):
   """Epoch 2's params are ckpt/last's; epoch 1's give back the validation SRCC / PLCC the log
   recorded after epoch 1 (so they are the params of that moment, not a copy of the last)."""
-  from iqa_jax import checkpoint, metrics, train
+  from iqa_jax import metrics
   from iqa_jax.data import datasets, pipeline
-  from iqa_jax.score import load_run
-  from iqa_jax.steps import make_eval_step
+  from iqa_jax.inference.loaded import load_run
+  from iqa_jax.models.model import make_eval_step
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training import loop as train
   config, workdir, _ = trained_run
   assert checkpoint.epoch_numbers(workdir) == [1, 2]
   last, _ = checkpoint.load_params(workdir, "last")
@@ -151,9 +153,9 @@ def test_gradcam_over_training_cells_are_each_epochs_gradcam(trained_run, tmp_pa
   image i, and its title's score that model's score; the CSV holds the same scores."""
   import csv
 
-  from iqa_jax import checkpoint
   from iqa_jax.data import pp
   from iqa_jax.models.model import create_model
+  from iqa_jax.runs import checkpoint
   config, workdir, _ = trained_run
   # One tile with white noise and JPEG at their strongest level.
   paths = [f"{config.data.dir}/images/I01_0{d}_05_c01.png" for d in (2, 3)]

@@ -12,8 +12,9 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from iqa_jax import export, score
-from iqa_jax.scorer import Scorer
+from iqa_jax.inference import exported as export
+from iqa_jax.inference import score_csv as score
+from iqa_jax.inference.scorer import Scorer
 
 # bf16 backbone weights (float32 compute): |score error| <= 0.2% of the largest |score|
 # (measured 7.3e-4 on the tiny tower).
@@ -85,10 +86,10 @@ def exported(tmp_path_factory, tiny_siglip_dir):
   -> (folder, {variant: export dir}, images, the run's own scores)."""
   import jax.numpy as jnp
 
-  from iqa_jax import checkpoint
   from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState
   root = tmp_path_factory.mktemp("lora_run")
   base = root / "base"
   shutil.copytree(tiny_siglip_dir, base)

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
-from iqa_jax import checkpoint, export, features, score, train
-from iqa_jax.scorer import Scorer
+from iqa_jax.inference import exported as export
+from iqa_jax.inference import score_csv as score
+from iqa_jax.inference.loaded import load_run
+from iqa_jax.inference.scorer import Scorer
+from iqa_jax.runs import checkpoint
+from iqa_jax.training import features
+from iqa_jax.training import loop as train
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +155,7 @@ def test_a_head_on_a_cache_scores_as_it_validated(frozen_runs):
   root, _, _, _ = frozen_runs
   paths, preds = _val_predictions(root / "cached")
   # The random-init tower comes back from the run's config (seed 8), the head from its ckpt.
-  loaded = score.load_run(str(root / "cached"))
+  loaded = load_run(str(root / "cached"))
   scores = Scorer(loaded, view="resize", batch_size=32)(paths)
   # Measured 8.5e-7: the CSV's 6 decimals (5e-7) and the eval batch sizes.
   np.testing.assert_allclose(scores, preds, rtol=0, atol=2e-6)
@@ -169,7 +174,7 @@ def test_a_head_on_another_runs_features_scores_on_that_backbone(
   train.train_and_evaluate(tiny_demo_config(tiny_demo_dir, **frozen,
                                             **{"data.features": str(feats)}), str(head_run))
   paths, preds = _val_predictions(head_run)
-  scorer = Scorer(score.load_run(str(head_run)), view="resize", batch_size=32)
+  scorer = Scorer(load_run(str(head_run)), view="resize", batch_size=32)
   np.testing.assert_allclose(scorer(paths), preds, rtol=0, atol=2e-6)  # measured 8.5e-7
   model_dir = export.export_run(str(head_run), str(tmp_path / "model"))
   exported = Scorer.from_pretrained(model_dir, view="resize", batch_size=32)
@@ -213,8 +218,8 @@ def test_fused_micro_batches_give_the_accumulated_gradient(tiny_demo_dir):
   import jax.numpy as jnp
 
   from iqa_jax.models.head import QualityHead
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_train_step
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState, make_train_step
   config = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen", "optim.grad_accum": 6,
                                               "optim.batch_size": 12})
   model = features.FeatureHeadModel(head=QualityHead(hidden=32))  # the gated head

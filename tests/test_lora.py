@@ -12,8 +12,8 @@ from iqa_jax.defaults import base_config
 from iqa_jax.models import siglip
 from iqa_jax.models.hf_io import merge_loaded
 from iqa_jax.models.lora import LoraDense
-from iqa_jax.optim import make_optimizer
-from iqa_jax.steps import TrainState, make_train_step
+from iqa_jax.training.optim import make_optimizer
+from iqa_jax.training.steps import TrainState, make_train_step
 
 
 def test_lora_output_equals_peft(tiny_siglip_dir):

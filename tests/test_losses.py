@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iqa_jax.losses import iqa_loss, margin_ranking_loss
+from iqa_jax.training.losses import iqa_loss, margin_ranking_loss
 
 
 def brute_margin(pred, mos, lam=0.25):

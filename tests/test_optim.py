@@ -2,7 +2,7 @@
 import pytest
 
 from iqa_jax.defaults import base_config
-from iqa_jax.optim import lr_schedule, resolve_schedule
+from iqa_jax.training.optim import lr_schedule, resolve_schedule
 
 
 def test_multistep_is_x02_at_epochs_15_and_25():
@@ -32,7 +32,7 @@ def test_full_finetune_uses_two_learning_rates():
   import jax.numpy as jnp
   import numpy as np
 
-  from iqa_jax.optim import make_optimizer
+  from iqa_jax.training.optim import make_optimizer
   c = base_config()
   c.model.finetune, c.optim.schedule = "full", "constant"
   params = {"backbone": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(3)}}

@@ -54,9 +54,9 @@ def _train_two_steps(mode: str, dropout: float) -> dict:
   import numpy as np
 
   from iqa_jax import parallel
-  from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+  from iqa_jax.models.model import create_model, make_eval_step
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState, make_train_step
 
   config = tiny_config(dropout)
   model, params, _ = create_model(config)
@@ -109,11 +109,12 @@ def _score_run(tmp: Path) -> dict:
   import numpy as np
   from PIL import Image
 
-  from iqa_jax import checkpoint, score
   from iqa_jax.data import pp
-  from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_eval_step
+  from iqa_jax.inference import score_csv as score
+  from iqa_jax.models.model import create_model, make_eval_step
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState
 
   config = tiny_config(0.0)
   model, params, preprocessing = create_model(config)
@@ -151,9 +152,9 @@ def _multihost_worker(process_id: int, port: int, out_json: str) -> None:
   import numpy as np
 
   from iqa_jax import parallel
-  from iqa_jax.models.model import create_model
-  from iqa_jax.optim import make_optimizer
-  from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+  from iqa_jax.models.model import create_model, make_eval_step
+  from iqa_jax.training.optim import make_optimizer
+  from iqa_jax.training.steps import TrainState, make_train_step
 
   assert jax.process_count() == 2 and jax.device_count() == DEVICES
   config = tiny_config(0.0)

@@ -6,7 +6,8 @@ import numpy as np
 from matplotlib import image
 from test_report import _rows
 
-from iqa_jax import metrics, plots
+from iqa_jax import metrics
+from iqa_jax.analysis import plots
 
 
 def _png(path):

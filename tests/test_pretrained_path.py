@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import TINY_SIGLIP, load_config, tiny_csv_set
 
-from iqa_jax import checkpoint, train
 from iqa_jax.data import pipeline
+from iqa_jax.runs import checkpoint
+from iqa_jax.training import loop as train
 
 
 def pretrained_config(init, data_dir):
@@ -90,8 +91,8 @@ def test_resume_after_kill_rereads_the_frozen_weights_and_matches(pretrained_run
 
   # What scoring rebuilds from the run: frozen leaves are the checkpoint folder's tensors
   # (read again from model.init), the trainable ones the run's.
+  from iqa_jax.inference.loaded import load_run
   from iqa_jax.models.siglip import load_hf_siglip
-  from iqa_jax.score import load_run
   params = load_run(str(workdir), "last").params
   run_flat = checkpoint.flatten(jax.device_get(params))
   _, hf, _ = load_hf_siglip(str(tiny_siglip_dir))
@@ -106,8 +107,8 @@ def test_resume_after_kill_rereads_the_frozen_weights_and_matches(pretrained_run
 
 def test_score_and_evaluate_give_the_in_memory_predictions(pretrained_run, csv_dir, tmp_path):
   """val_predictions.csv holds the scores the training loop computed in memory (best epoch)."""
-  from iqa_jax.evaluate import data_config_for, evaluate_run
-  from iqa_jax.score import score_paths
+  from iqa_jax.inference.evaluate import data_config_for, evaluate_run
+  from iqa_jax.inference.score_csv import score_paths
   config, workdir, results = pretrained_run
   in_memory = read_predictions(workdir / "val_predictions.csv")
   assert len(in_memory) == results["n_val"] == 6

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from iqa_jax import report
+from iqa_jax import report as report_cli
+from iqa_jax.analysis import report
 
 SEEDS = (8, 19, 25)
 DATASETS = ("clive", "koniq10k")
@@ -95,7 +96,7 @@ def test_format_value_in_the_papers_style(value, digits, text):
 def test_cli_prints_markdown_and_writes_csv(tmp_path, capsys):
   store = tmp_path / "results.jsonl"
   store.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-  assert report.main([str(store), "--table", "2"]) == 0
+  assert report_cli.main([str(store), "--table", "2"]) == 0
   out = capsys.readouterr().out
   assert "| SigLIP2 | .880 | .890 | .930 | .940 | .905 | .915 |" in out
   with open(tmp_path / "tables" / "table2.csv") as f:

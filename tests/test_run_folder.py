@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_csv_set, tiny_demo_config
 
-from iqa_jax import checkpoint, experiments, run_folder, score, train
-from iqa_jax.run_folder import RunFolderError
+from iqa_jax import experiments
+from iqa_jax.inference import score_csv as score
+from iqa_jax.inference.loaded import load_run
+from iqa_jax.runs import checkpoint
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.runs.folder import RunFolderError
+from iqa_jax.training import loop as train
 
 
 def _files(folder):
@@ -44,7 +49,7 @@ def test_item2_other_config_is_refused_before_any_write(run_copy, tiny_demo_dir)
   assert "\n" not in str(e.value)
   assert _files(workdir) == before
   # score/evaluate: the recorded model
-  assert score.load_run(str(workdir)).info["config"]["model"]["head"] == "gated"
+  assert load_run(str(workdir)).info["config"]["model"]["head"] == "gated"
   # --restart is the way out: the run's files go (others stay), the new config is recorded.
   (workdir / "notes.txt").write_text("mine")
   run_folder.open_run(workdir, other, restart=True)
@@ -92,7 +97,7 @@ def test_item5_corrupt_files_give_one_line_naming_them(run_copy, tiny_demo_dir, 
     train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
   # Half-written JSON: config.json (score), history.jsonl (resume), results.json (the matrix).
   for name, call in [
-      ("config.json", lambda: score.load_run(str(workdir))),
+      ("config.json", lambda: load_run(str(workdir))),
       ("history.jsonl", lambda: train.train_and_evaluate(tiny_demo_config(tiny_demo_dir),
                                                           str(workdir))),
       ("results.json", lambda: experiments.train_one(config, workdir, {}))]:
@@ -164,7 +169,7 @@ def test_issue9_base_checkpoint_recorded_and_checked(tiny_siglip_dir, tmp_path):
   recorded = json.loads((workdir / "base_checkpoint.json").read_text())
   assert recorded["folder"] == str(base) and len(recorded["fingerprint"]) == 16
   assert recorded["fingerprint"] == run_folder.fingerprint(tiny_siglip_dir)  # same bytes
-  score.load_run(str(workdir))  # the same weights: fine
+  load_run(str(workdir))  # the same weights: fine
 
   shutil.rmtree(base)
   _perturbed_copy(tiny_siglip_dir, base, 1e-3)
@@ -172,11 +177,11 @@ def test_issue9_base_checkpoint_recorded_and_checked(tiny_siglip_dir, tmp_path):
   msg = rf"trained from base checkpoint {base} \(fingerprint {recorded['fingerprint']}\), but " \
         rf"config.model.init now gives {base} \(fingerprint [0-9a-f]{{16}}\)"
   with pytest.raises(RunFolderError, match=msg):
-    score.load_run(str(workdir))
+    load_run(str(workdir))
   with pytest.raises(RunFolderError, match=msg):
     train.train_and_evaluate(config, str(workdir))
   assert _files(workdir) == before
   shutil.rmtree(base)
   with pytest.raises(RunFolderError, match=rf"fingerprint {recorded['fingerprint']}\), but .* "
                                            rf"{base} \(missing\)"):
-    score.load_run(str(workdir))
+    load_run(str(workdir))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_jax import evaluate, score
+from iqa_jax.inference import evaluate
+from iqa_jax.inference import score_csv as score
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_cross_dataset_evaluation_writes_metrics_and_csv(trained_run, tiny_demo_
 
 @pytest.fixture(scope="module")
 def model_dir(trained_run, tmp_path_factory):
-  from iqa_jax import export
+  from iqa_jax.inference import exported as export
   _, workdir, _ = trained_run
   return export.export_run(str(workdir), str(tmp_path_factory.mktemp("export") / "model"))
 

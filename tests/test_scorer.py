@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_jax import export
-from iqa_jax.scorer import Scorer, crop_corners, load_model
+from iqa_jax.inference import exported as export
+from iqa_jax.inference.scorer import Scorer, crop_corners, load_model
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,8 @@ def test_demo_style_model_ranks_graded_distortions_of_full_size_photos(tmp_path)
   it ranks the levels; resizing the whole photo to 64 px erases what it learned."""
   from conftest import load_config
 
-  from iqa_jax import train
   from iqa_jax.data import demo
+  from iqa_jax.training import loop as train
   data = demo.build_demo(str(tmp_path / "data"), size=64, tiles=10,
                          photos=("astronaut", "camera", "chelsea", "coffee"))
   config = load_config("demo", f"dir={data},epochs=15")

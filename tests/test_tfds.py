@@ -18,17 +18,19 @@ if importlib.util.find_spec("tensorflow") is None:  # building needs it (the `tf
   pytest.skip("TensorFlow is not installed: pip install -e '.[tfds]'", allow_module_level=True)
 
 from test_datasets import (  # noqa: E402  (the official-layout fixture builders, one copy)
-    make_agiqa1k,
-    make_agiqa3k,
-    make_clive,
-    make_flive,
-    make_kadid,
-    make_koniq,
-    make_spaq,
+  make_agiqa1k,
+  make_agiqa3k,
+  make_clive,
+  make_flive,
+  make_kadid,
+  make_koniq,
+  make_spaq,
 )
 
-from iqa_jax import checkpoint  # noqa: E402
-from iqa_jax.data import datasets, pipeline, tfds_build, tfds_source  # noqa: E402
+from iqa_jax.data import datasets, pipeline  # noqa: E402
+from iqa_jax.data.tfds import build as tfds_build
+from iqa_jax.data.tfds import source as tfds_source
+from iqa_jax.runs import checkpoint  # noqa: E402
 
 FIXTURES = {"clive": make_clive, "koniq10k": make_koniq, "kadid10k": make_kadid,
             "flive": make_flive, "spaq": make_spaq, "agiqa3k": make_agiqa3k,
@@ -61,7 +63,7 @@ def built(tmp_path_factory):
 def test_records_splits_and_batches_equal_the_files(built, name):
   tfds_dir, releases = built
   from_files = datasets.load_records(_data_config(name, source="files", data_dir=releases[name]))
-  from_tfds = datasets.load_records(_data_config(name, tfds_dir))
+  from_tfds = pipeline.load_records(_data_config(name, tfds_dir))
   folder = tfds_source.build_dir(_data_config(name, tfds_dir))
   assert Path(folder) == tfds_dir / name / (tfds_build.find_config(name, {}).name
                                             if tfds_build.BUILDERS[name].BUILDER_CONFIGS
@@ -195,7 +197,8 @@ try:
 except ModuleNotFoundError:
   pass
 from conftest import tiny_demo_config
-from iqa_jax import experiments, train
+from iqa_jax import experiments
+from iqa_jax.training import loop as train
 release, tfds_dir, out = sys.argv[1:]
 def config(source):
   c = tiny_demo_config(release, **{"optim.epochs": 1, "optim.batch_size": 4,
@@ -252,7 +255,7 @@ def test_training_from_tfds_without_tensorflow(built, tmp_path):
 
 def test_evaluate_reads_the_run_source(built, tmp_path):
   """evaluate's data config follows the run (trained from TFDS -> evaluates from TFDS)."""
-  from iqa_jax.evaluate import data_config_for
+  from iqa_jax.inference.evaluate import data_config_for
   tfds_dir, releases = built
   run = ml_collections.ConfigDict({"data": {"image_size": 32, "source": "tfds",
                                             "tfds_dir": str(tfds_dir)}})
@@ -260,5 +263,5 @@ def test_evaluate_reads_the_run_source(built, tmp_path):
   assert (d.source, d.tfds_dir) == ("tfds", str(tfds_dir))
   files = datasets.load_records(_data_config("agiqa1k", source="files",
                                              data_dir=releases["agiqa1k"]))
-  assert [r.mos for r in datasets.load_records(d)] == [r.mos for r in files]
+  assert [r.mos for r in pipeline.load_records(d)] == [r.mos for r in files]
   assert data_config_for(run, "clive", "/x", source="files").source == "files"

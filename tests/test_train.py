@@ -8,7 +8,9 @@ import pytest
 from conftest import tiny_demo_config
 from scipy import stats
 
-from iqa_jax import checkpoint, steps, train
+from iqa_jax.runs import checkpoint
+from iqa_jax.training import loop as train
+from iqa_jax.training import steps
 
 
 def test_run_writes_results_history_checkpoints_and_predictions(trained_run):

@@ -41,10 +41,11 @@ def get_adapter(name: str) -> Callable[..., list[Record]]:
 
 
 def load_records(data_config) -> list[Record]:
-  """config.data {name, dir, options} -> the dataset's records (unchecked; see check_records)."""
-  if data_config.get("source", "files") != "files":  # a TFDS build (iqa_jax.data.tfds_source)
-    from iqa_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.load_records(data_config)
+  """config.data {name, dir, options} -> the records of the release's files (unchecked; see
+  check_records). pipeline.load_records also reads TFDS builds (config.data.source)."""
+  if data_config.get("source", "files") != "files":
+    raise ValueError(f"config.data.source={data_config.source!r}: datasets.load_records reads "
+                     "the release's files; read a build with pipeline.load_records.")
   if not data_config.dir:
     raise ValueError(f"Set --config.data.dir to the {data_config.name} folder (see {DOCS}).")
   options = dict(data_config.get("options") or {})

@@ -1,7 +1,8 @@
 """Records -> batches on grain: a random-access source, shuffle, pp ops, batch, threads/workers.
 
 The source is any sequence of example dicts (`RecordSource` here, the prepare cache, or a TFDS
-build, tfds_source.TfdsSource); the rest of the chain does not care which.
+build, tfds_source.TfdsSource); the rest of the chain does not care which. `load_records` picks
+where a config's records come from: the adapter's files or a TFDS build.
 """
 from __future__ import annotations
 
@@ -19,24 +20,19 @@ from absl import flags, logging
 from PIL import Image
 
 from iqa_jax.data import cache as cache_lib
-from iqa_jax.data import images, pp
-from iqa_jax.data.records import Record
+from iqa_jax.data import datasets, images, pp
+from iqa_jax.data.records import Record, RecordSource
+from iqa_jax.data.tfds import source as tfds_source
 
 _BATCH_KEYS = ("image", "mos", "index")
 
 
-class RecordSource(Sequence):
-  """Random access to records as example dicts {'path', 'mos', 'index'}."""
-
-  def __init__(self, records: Sequence[Record]):
-    self._records = records
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, i: int) -> dict:
-    r = self._records[i]
-    return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}
+def load_records(data_config) -> list[Record]:
+  """config.data {name, dir, options, source} -> the dataset's records (unchecked; see
+  check_records): from the release's files (datasets) or a TFDS build (tfds.source)."""
+  if data_config.get("source", "files") != "files":
+    return tfds_source.load_records(data_config)
+  return datasets.load_records(data_config)
 
 
 def _check_file(path: str) -> str | None:
@@ -73,7 +69,6 @@ def check_records(records: Sequence[Record], on_error: str = "raise", threads: i
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
   if tfds and not cache:
-    from iqa_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     held = {r.path for r in tfds_source.read_records(tfds)}
     file_reasons = [None if r.path in held else f"not in the TFDS build {tfds}" for r in records]
   elif cache:
@@ -192,7 +187,6 @@ def _source(records, cache, pp_str, tfds=None):
   if cache:
     return CachedSource(records, cache, pp_str)
   if tfds:
-    from iqa_jax.data import tfds_source  # only a TFDS run needs tensorflow-datasets
     return tfds_source.TfdsSource(records, tfds)
   return RecordSource(records)
 

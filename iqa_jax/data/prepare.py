@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     check_out(args.out, recipe(args.size, args.resample))  # before minutes of checking images
     config = ml_collections.ConfigDict({"name": args.dataset, "dir": args.data_dir,
                                         "options": _options(args.option)})
-    records = datasets.load_records(config)
+    records = pipeline.load_records(config)
     records, skipped = pipeline.check_records(records, on_error=args.on_error,
                                               threads=args.threads)
     if is_current(args.out, recipe(args.size, args.resample), [r.path for r in records]):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,3 +21,17 @@ MOS_SCALES: dict[str, tuple[float, float]] = {
     "clive": (100.0, 0.0), "koniq10k": (5.0, 0.0), "kadid10k": (4.0, 1.0), "flive": (100.0, 0.0),
     "spaq": (100.0, 0.0), "agiqa3k": (5.0, 0.0), "agiqa1k": (5.0, 0.0), "demo": (4.0, 1.0),
 }
+
+
+class RecordSource(Sequence):
+  """Random access to records as example dicts {'path', 'mos', 'index'}."""
+
+  def __init__(self, records: Sequence[Record]):
+    self._records = records
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict:
+    r = self._records[i]
+    return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}

@@ -115,3 +115,11 @@ def create_model(config: ml_collections.ConfigDict, rng=None):
     where = f"config.model.init={config.model.init!r}"
     params["backbone"] = hf_io.merge_loaded(jax.device_get(params["backbone"]), bb.params, where)
   return model, params, bb.preprocessing
+
+
+def make_eval_step(model) -> Callable:
+  """(params, images) -> float32 scores: the test-time forward of training, scoring and bench."""
+  def eval_step(params, images):
+    pred, _ = model.apply({"params": params}, images, train=False)
+    return pred.astype(jnp.float32)
+  return eval_step

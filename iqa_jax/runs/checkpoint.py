@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from iqa_jax.run_folder import HISTORY, RunFolderError, read_jsonl, write_text
+from iqa_jax.runs.folder import HISTORY, RunFolderError, read_jsonl, write_text
 
 SEP = "."
 EPOCHS = "epochs"  # ckpt/epochs/<n>: params after epoch n (config.keep_epoch_checkpoints)

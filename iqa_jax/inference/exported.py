@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint
-from iqa_jax.scorer import LoadedModel
+from iqa_jax.inference.loaded import LoadedModel, load_run
+from iqa_jax.runs import checkpoint
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -120,7 +120,6 @@ def _lora_line(lora: dict) -> str:
 def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "float32",
                merge: bool = True) -> Path:
   """Writes the self-contained folder `out` from the run `workdir`; returns its path."""
-  from iqa_jax.score import load_run
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   out_dir = Path(out)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa_jax.data.pipeline import RecordSource
-from iqa_jax.data.records import Record
+from iqa_jax.data.records import Record, RecordSource
+from iqa_jax.data.tfds import variants
 
 SOURCES = ("files", "tfds")
 SPLIT = "train"  # the one split a build holds
@@ -46,29 +46,29 @@ def build_dir(data_config) -> str | None:
     raise ValueError("--config.data.cache and --config.data.source=tfds do not combine (the cache "
                      "is built from the files); drop one of them.")
   try:
-    from iqa_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     raise ValueError(f"--config.data.source=tfds needs tensorflow-datasets ({e}): pip install "
                      "tensorflow-datasets array_record (no TensorFlow needed to read).") from None
   name = data_config.name
-  cls = tfds_build.builder_class(name)
-  config = tfds_build.find_config(name, dict(data_config.get("options") or {}))
+  config = variants.find_variant(name, dict(data_config.get("options") or {}))
   root = tfds_dir(data_config) / name
   variant = root / config.name if config else root
-  folder = variant / str(cls.VERSION)
+  folder = variant / variants.VERSION
   if (folder / "dataset_info.json").is_file():
     return str(folder)
   command = _build_command(name, config, data_config)
   versions = sorted(p.name for p in variant.glob("*") if (p / "dataset_info.json").is_file())
   if versions:
     raise ValueError(f"{name}: {variant} holds version {', '.join(versions)} but this iqa_jax "
-                     f"reads version {cls.VERSION} ({cls.RELEASE_NOTES[str(cls.VERSION)]}). "
+                     f"reads version {variants.VERSION} "
+                     f"({variants.RELEASE_NOTES[variants.VERSION]}). "
                      f"Rebuild: {command}")
-  others = [c for c in cls.BUILDER_CONFIGS if (root / c.name / str(cls.VERSION)).is_dir()]
+  others = [c for c in variants.variants_of(name) if (root / c.name / variants.VERSION).is_dir()]
   if config and others:
-    built = ", ".join(tfds_build.describe_options(c.options) for c in others)
+    built = ", ".join(variants.describe_options(c.options) for c in others)
     raise ValueError(f"{name}: {root} was built for {built}, but the config asks for "
-                     f"{tfds_build.describe_options(config.options)}. Set "
+                     f"{variants.describe_options(config.options)}. Set "
                      f"--config.data.options to the built variant, or build this one: {command}")
   raise ValueError(f"{name}: no TFDS build in {folder}. Build it: {command} "
                    "(or set --config.data.tfds_dir).")
@@ -128,7 +128,7 @@ def read_records(folder: str) -> list[Record]:
 
 
 def load_records(data_config) -> list[Record]:
-  """datasets.load_records for source='tfds': the build's records, checked against data.dir."""
+  """pipeline.load_records for source='tfds': the build's records, checked against data.dir."""
   folder = build_dir(data_config)
   if data_config.get("dir"):
     check_release(folder, data_config.dir)

@@ -8,35 +8,25 @@ the way it looks at an image at test time, which is part of the model:
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from iqa_jax import parallel
 from iqa_jax.data import images as image_io
 from iqa_jax.data import pp
+from iqa_jax.inference.exported import load_exported
+from iqa_jax.inference.loaded import LoadedModel, load_run
+from iqa_jax.models.model import make_eval_step
 
 VIEWS = ("resize", "crops")
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: UP007 - runtime alias
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """What a run folder or an exported folder gives: the model and how it sees an image."""
-  model: Any                       # IQAModel
-  params: dict
-  pp_str: str                      # the run's pp string (the `resize` view)
-  input_size: int                  # side of the square the model was trained on
-  view: str = "resize"             # resize | crops
-  crops: int = 3
-  mos_scale: tuple[float, float] = (1.0, 0.0)  # mos = score * scale + offset (App. B inverse)
-  info: dict = dataclasses.field(default_factory=dict)  # dataset, source folder, ...
 
 
 def check_view(view: str, crops: int) -> None:
@@ -112,8 +102,6 @@ class Scorer:
                crops: int | None = None, devices=None):
     import jax
 
-    from iqa_jax import parallel
-    from iqa_jax.steps import make_eval_step
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.loaded = loaded
@@ -222,12 +210,6 @@ def _resample_of(pp_str: str) -> str:
   return "bilinear"
 
 
-def input_size(config, preprocessing: dict) -> int:
-  """The square side the model was trained on: data.image_size, else the checkpoint's recipe."""
-  return int(config.data.get("image_size") or preprocessing.get("crop")
-             or preprocessing["size"])
-
-
 def load_model(path: str | os.PathLike, which: str = "best") -> LoadedModel:
   """An exported folder (config.json with format_version) or a training run folder."""
   folder = Path(path)
@@ -236,13 +218,10 @@ def load_model(path: str | os.PathLike, which: str = "best") -> LoadedModel:
     raise FileNotFoundError(f"{folder} is not a folder: pass an exported model folder "
                             f"(python -m iqa_jax.export) or a training run folder")
   if (folder / "ckpt").is_dir():
-    from iqa_jax.score import load_run
     return load_run(str(folder), which)
   if (folder / "model.safetensors").exists() or '"format_version"' in _head(cfg):
-    from iqa_jax.export import load_exported
     return load_exported(folder)
   if cfg.exists():
-    from iqa_jax.score import load_run
     return load_run(str(folder), which)  # a run folder without checkpoints: it says so
   raise FileNotFoundError(f"{cfg} not found: an exported model folder holds config.json and "
                           f"model.safetensors; a run folder holds config.json and ckpt/")

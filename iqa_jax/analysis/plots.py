@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from iqa_jax import metrics, report
+from iqa_jax import metrics
+from iqa_jax.analysis import report
 
 HEAD_COLORS = {"baseline": "tab:blue", "sigmoid": "tab:orange", "gated": "tab:green"}
 

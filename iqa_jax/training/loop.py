@@ -25,13 +25,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, features, metrics, parallel, run_folder
-from iqa_jax.data import datasets, pipeline, pp, tfds_source
+from iqa_jax import metrics, parallel
+from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.data.tfds import source as tfds_source
 from iqa_jax.defaults import flag_error
 from iqa_jax.models.lora import count_by_label
-from iqa_jax.models.model import create_model
-from iqa_jax.optim import lr_schedule, make_optimizer, resolve_schedule
-from iqa_jax.steps import TrainState, make_eval_step, make_train_step
+from iqa_jax.models.model import create_model, make_eval_step
+from iqa_jax.runs import checkpoint
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.training import features
+from iqa_jax.training.optim import lr_schedule, make_optimizer, resolve_schedule
+from iqa_jax.training.progress import progress_bar
+from iqa_jax.training.steps import TrainState, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,16 +47,10 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="img", unit_scale=False, dynamic_ncols=True,
-              disable=not enabled, leave=False, file=sys.stderr)
-
-
 def predict(eval_fn, params, loader, progress: bool = False, desc: str = "eval") -> np.ndarray:
   """Scores for every real (unpadded) example of an eval loader, in record order."""
   out = []
-  bar = _progress(len(loader), desc, progress)
+  bar = progress_bar(len(loader), desc, progress)
   for batch in loader:
     scores = eval_fn(params, batch["image"])
     out.append((scores, batch["valid"]))
@@ -69,7 +68,7 @@ def gate_weights(params) -> dict[str, list[float]]:
 
 def load_data(config) -> tuple[dict, list]:
   """-> (splits {'train', 'val'[, 'test']}, skipped [(path, reason)]) of config.data."""
-  records = datasets.load_records(config.data)
+  records = pipeline.load_records(config.data)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
                                             cache=_cache(config),
                                             tfds=tfds_source.build_dir(config.data))
@@ -119,7 +118,7 @@ def restore(ckpt: checkpoint.RunCheckpoints, state: TrainState, labels,
 def train_epoch(train_step, state: TrainState, batches, steps: int, config,
                 desc: str) -> tuple[TrainState, dict]:
   """One pass over the epoch's batches -> (state, metrics stacked over steps, on the device)."""
-  bar = _progress(steps * config.optim.batch_size, desc, config.progress)
+  bar = progress_bar(steps * config.optim.batch_size, desc, config.progress)
   step_metrics = []
   for batch in batches:
     state, m = train_step(state, batch)

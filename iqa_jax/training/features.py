@@ -15,7 +15,8 @@ of the backbone's intermediates, token- or space-averaged to one vector per imag
 taps/NAME.npy.
 Writes are resumable: a killed extraction continues after its last flushed batch.
 A run trained on a cache records in RUN/features.json which backbone made the features, so
-`score`, `evaluate` and `export` put that backbone back under its head (`scoring_backbone`).
+`score`, `evaluate` and `export` put that backbone back under its head
+(runs/backbone.py: `scoring_backbone`).
 """
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import checkpoint, run_folder
 from iqa_jax.data import cache as cache_lib
-from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.data import pipeline, pp
 from iqa_jax.models.head import QualityHead
 from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
+from iqa_jax.runs import backbone
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.training.progress import progress_bar
 
 FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
-RUN_RECORD = "features.json"  # in a run folder: the fingerprint of the cache it trained on
 # Fields of config.model / config.data that decide the feature an image gets.
 # Every config.model field decides the feature except these, which shape only the head or how
 # training runs (a field added later counts until it is listed here: a cache is then refused
@@ -134,7 +136,7 @@ def record_in_run(workdir: str | Path, config: ml_collections.ConfigDict) -> Non
   index = read_index(config.data.features)
   record = {"features": str(Path(config.data.features).absolute()),
             **{k: index[k] for k in ("fingerprint", "pp", "dim")}}
-  path = Path(workdir) / RUN_RECORD
+  path = Path(workdir) / backbone.RUN_RECORD
   if path.is_file() and run_folder.has_progress(workdir):
     held = run_folder.read_json(path, "Restore it, or start over with --restart.")
     problem = _mismatch({k: held.get(k) for k in record if k != "features"},
@@ -145,70 +147,6 @@ def record_in_run(workdir: str | Path, config: ml_collections.ConfigDict) -> Non
           f"{config.data.features} now holds ({problem}); its head fits only those. Put that "
           f"cache back, or start over with --restart.")
   run_folder.write_json(path, record)
-
-
-def weights_digest(flat: dict) -> str:
-  """sha256 of named weights (names, dtypes, shapes, values): tells two trainings apart."""
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    v = np.ascontiguousarray(flat[k])
-    h.update(f"{k}:{v.dtype}:{v.shape}:".encode() + v.tobytes())
-  return h.hexdigest()[:16]
-
-
-def backbone_weights(workdir: str) -> tuple[dict, str]:
-  """-> (the trained backbone leaves of run `workdir`'s ckpt/best, their weights_digest)."""
-  flat, _ = checkpoint.load_params(workdir, "best")
-  backbone = {k: v for k, v in flat.items() if k.startswith("backbone" + checkpoint.SEP)}
-  return backbone, weights_digest(backbone)
-
-
-def run_backbone(config: ml_collections.ConfigDict, workdir: str, weights: dict):
-  """Run `workdir`'s backbone with its trained `weights` over config.data, under a fresh head of
-  config.model -> (config of that model, model, params, preprocessing)."""
-  run = run_folder.read_config(workdir)
-  run.data = config.data  # the run's backbone over the dataset this config names
-  run.model.update({k: config.model[k] for k in HEAD_FIELDS if k in config.model})
-  run_folder.check_base_checkpoint(workdir, run)
-  model, params, preprocessing = create_model(run)
-  return run, model, checkpoint.unflatten_into(params, weights), preprocessing
-
-
-def scoring_backbone(workdir: str | Path, config: ml_collections.ConfigDict):
-  """A run trained on a feature cache -> (config, model, params, preprocessing) of the model that
-  scores images: the backbone that made its features (rebuilt from the run's config, seed
-  included, or the source run's trained one) under the run's head (weights: the caller's)."""
-  path = Path(workdir) / RUN_RECORD
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path} not found: {workdir} was trained on the feature cache {config.data.features} "
-        f"but does not record which backbone made it, so it cannot be scored; retrain it with "
-        f"--restart.")
-  record = run_folder.read_json(path, "Restore it, or retrain the run with --restart.")
-  source = record["fingerprint"].get("source_run")
-  if source is None:
-    run_folder.check_base_checkpoint(workdir, config)
-    model, params, preprocessing = create_model(config)
-  else:
-    if not (Path(source) / run_folder.CONFIG).is_file() or not run_folder.saved_steps(
-        Path(source) / "ckpt" / "best"):
-      raise FileNotFoundError(
-          f"{workdir}'s head was trained on features of the run {source}, which is missing "
-          f"(no {run_folder.CONFIG} or ckpt/best there): put that run back at that path to "
-          f"score it, or train the head on a cache of a backbone you have.")
-    weights, digest = backbone_weights(source)
-    if digest != record["fingerprint"].get("source_weights"):
-      raise run_folder.RunFolderError(
-          f"{workdir}'s head was trained on features of the run {source}, whose backbone "
-          f"weights (ckpt/best) are no longer the ones that made them; the head fits only "
-          f"those. Restore that run, or rebuild the cache (python -m iqa_jax.features "
-          f"--workdir {source}) and retrain the head.")
-    config, model, params, preprocessing = run_backbone(config, source, weights)
-  pp_str = pp.run_pp(config.data, preprocessing)
-  if pp_str != record["pp"]:
-    raise ValueError(f"{path}: the features were made with pp {record['pp']!r}, but the "
-                     f"backbone rebuilt from {workdir}'s config reads images with {pp_str!r}.")
-  return config, model, params, preprocessing
 
 
 def _as_vector(x: jax.Array) -> jax.Array:
@@ -230,16 +168,15 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
 
   A finished cache of the same fingerprint, records and taps is left as is; a partial one is
   continued; a cache of anything else stops with an error rather than being overwritten."""
-  from iqa_jax.train import _progress  # pylint: disable=g-import-not-at-top
   folder = Path(out)
   source = str(Path(workdir).absolute()) if workdir else None
   if workdir is None:
     model, params, preprocessing = create_model(config)
     digest = None
   else:
-    weights, digest = backbone_weights(workdir)
-    config, model, params, preprocessing = run_backbone(config, workdir, weights)
-  records, skipped = pipeline.check_records(datasets.load_records(config.data),
+    weights, digest = backbone.backbone_weights(workdir)
+    config, model, params, preprocessing = backbone.run_backbone(config, workdir, weights)
+  records, skipped = pipeline.check_records(pipeline.load_records(config.data),
                                             on_error=config.data.on_error,
                                             cache=config.data.cache or None)
   pp_str = pp.run_pp(config.data, preprocessing)
@@ -272,7 +209,7 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
   loader = pipeline.make_eval_loader(records[done:], pp_str, batch_size,
                                      workers=config.data.workers, cache=config.data.cache or None)
   arrays, t0, n_new = None, time.time(), 0
-  bar = _progress(len(records), "features", progress)
+  bar = progress_bar(len(records), "features", progress)
   bar.update(done)
   for i, batch in enumerate(loader):
     outs = [np.asarray(o)[np.asarray(batch["valid"])] for o in forward(params, batch["image"])]

@@ -158,7 +158,7 @@ def _model_inputs(loaded, paths: Sequence[str]) -> list[tuple[jax.Array, np.ndar
 def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
                    groups: Sequence[str] = (), which: str = "best") -> list[Path]:
   """Overlay PNGs for each image: one panel for the score, one per feature band."""
-  from iqa_jax.score import load_run
+  from iqa_jax.inference.loaded import load_run
 
   loaded = load_run(workdir, which)
   model, params = loaded.model, loaded.params
@@ -191,8 +191,8 @@ def over_training(workdir: str, paths: Sequence[str], epochs: Sequence[int] = ()
   """Grad-CAM of the score with the params kept after each epoch (Figure S6), or after the
   given 1-based `epochs` -> ([{'epoch': n, 'maps': [(gh, gw) per image], 'scores': [per
   image]}], the images as shown)."""
-  from iqa_jax import checkpoint
-  from iqa_jax.score import load_run
+  from iqa_jax.inference.loaded import load_run
+  from iqa_jax.runs import checkpoint
   kept = checkpoint.epoch_numbers(workdir)
   folder = Path(workdir) / "ckpt" / checkpoint.EPOCHS
   if not kept:
@@ -219,7 +219,7 @@ def over_training_figure(workdir: str, paths: Sequence[str], out_dir: str,
                          epochs: Sequence[int] = ()) -> tuple[Path, list]:
   """One row per kept epoch (or per one of `epochs`), one column per image; each cell titled
   with the epoch and the predicted score. Also writes the scores as gradcam_over_training.csv."""
-  from iqa_jax import run_folder
+  from iqa_jax.runs import folder as run_folder
   rows, images = over_training(workdir, paths, epochs)
   fig = Figure(figsize=(1.6 * len(paths), 1.75 * len(rows)), layout="constrained")
   axes = fig.subplots(len(rows), len(paths), squeeze=False)
@@ -265,9 +265,10 @@ def run_embeddings(workdir: str, per_split: int = 400, seed: int = 0) -> dict:
   """{split: {stage: features (n, d)}, split + '_mos': mos} for a run's held-out and train sets."""
   import ml_collections
 
-  from iqa_jax import checkpoint, features
   from iqa_jax.data import datasets, pipeline, pp
   from iqa_jax.models.model import create_model
+  from iqa_jax.runs import checkpoint
+  from iqa_jax.training import features
   cfg_file = Path(workdir) / "config.json"
   if not cfg_file.is_file():
     raise FileNotFoundError(f"{cfg_file} not found: --workdir must be a run folder made by "
@@ -357,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   a = ap.parse_args(argv)
   try:
     if a.command == "gradcam":
-      from iqa_jax.score import expand_inputs
+      from iqa_jax.inference.score_csv import expand_inputs
       groups = [x for x in a.groups.split(",") if x]
       for grp in groups:
         band_target(grp)  # a bad band stops here, before any work

@@ -24,10 +24,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from iqa_jax import checkpoint, run_folder
-from iqa_jax.data import pp
-from iqa_jax.data.records import MOS_SCALES
-from iqa_jax.scorer import VIEWS, LoadedModel, Scorer, input_size
+from iqa_jax.inference.scorer import VIEWS, Scorer
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif"}
 COLUMNS = ("path", "score", "mos", "error")
@@ -92,29 +89,6 @@ def parse_shard(text: str) -> tuple[int, int]:
   if n < 1 or not 0 <= k < n:
     raise UsageError(f"--shard {text!r}: K must be in 0..N-1 and N >= 1")
   return k, n
-
-
-def load_run(workdir: str, which: str = "best") -> LoadedModel:
-  """A trained run folder -> LoadedModel (its config, base checkpoint and trained leaves).
-
-  A head trained on a feature cache is scored under the backbone that made the features."""
-  from iqa_jax import features
-  from iqa_jax.models.model import create_model
-  config = run_folder.read_config(workdir)  # the model the run was trained as, checked
-  if config.data.get("features"):
-    config, model, params, preprocessing = features.scoring_backbone(workdir, config)
-  else:
-    run_folder.check_base_checkpoint(workdir, config)  # against the frozen weights it started
-    model, params, preprocessing = create_model(config)
-  flat, _ = checkpoint.load_params(workdir, which)
-  params = checkpoint.unflatten_into(params, flat)
-  return LoadedModel(
-      model=model, params=params, pp_str=pp.run_pp(config.data, preprocessing),
-      input_size=input_size(config, preprocessing),
-      view=config.data.get("test_view", "resize"), crops=int(config.data.get("test_crops", 3)),
-      mos_scale=MOS_SCALES.get(config.data.name, (1.0, 0.0)),
-      info={"dataset": config.data.name, "source": str(workdir), "config": config.to_dict(),
-            "preprocessing": dict(preprocessing)})
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from iqa_jax.losses import iqa_loss
+from iqa_jax.training.losses import iqa_loss
 
 
 @flax.struct.dataclass
@@ -112,10 +112,3 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
-
-
-def make_eval_step(model) -> Callable:
-  def eval_step(params, images):
-    pred, _ = model.apply({"params": params}, images, train=False)
-    return pred.astype(jnp.float32)
-  return eval_step

@@ -13,10 +13,12 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from iqa_jax import metrics, run_folder
-from iqa_jax.data import datasets, pipeline, tfds_source
-from iqa_jax.score import load_run
-from iqa_jax.scorer import Scorer
+from iqa_jax import metrics
+from iqa_jax.data import pipeline
+from iqa_jax.data.tfds import source as tfds_source
+from iqa_jax.inference.loaded import load_run
+from iqa_jax.inference.scorer import Scorer
+from iqa_jax.runs import folder as run_folder
 
 
 class _BuildImages(Sequence):
@@ -40,7 +42,7 @@ def evaluate_run(workdir: str, data_config: ml_collections.ConfigDict, which: st
   """Scores every image of `data_config`'s dataset with the run; returns and writes metrics."""
   loaded = load_run(workdir, which)
   config = ml_collections.ConfigDict(loaded.info["config"])
-  records = datasets.load_records(data_config)
+  records = pipeline.load_records(data_config)
   tfds = tfds_source.build_dir(data_config)
   records, skipped = pipeline.check_records(records, on_error=data_config.get("on_error", "raise"),
                                             tfds=tfds)

@@ -24,9 +24,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm.auto import tqdm
 
-import iqa_jax
-from iqa_jax.data import datasets, koniq10k, pipeline, spaq, tfds_source
+from iqa_jax.data import datasets, koniq10k, pipeline, spaq
 from iqa_jax.data.records import Record
+from iqa_jax.data.tfds import source as tfds_source
+from iqa_jax.data.tfds import variants
+from iqa_jax.data.tfds.variants import describe_options  # noqa: F401 - callers know it here
+from iqa_jax.version import __version__
 
 FILE_FORMAT = "array_record"  # random access without TensorFlow (tfds.data_sources, grain)
 
@@ -39,15 +42,17 @@ class IqaConfig(tfds.core.BuilderConfig):
     self.options = options
 
 
-def _config(name: str, description: str, **options) -> IqaConfig:
-  return IqaConfig(name=name, description=description, options=options)
+def _configs(dataset: str) -> list[IqaConfig]:
+  """The dataset's variants (tfds/variants.py) as builder configs."""
+  return [IqaConfig(name=v.name, description=v.description, options=dict(v.options))
+          for v in variants.variants_of(dataset)]
 
 
 class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """What the seven builders share: features, the adapter call, ordered ArrayRecord output."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Image bytes as released, mos/raw_mos float64, extras as JSON."}
+  VERSION = tfds.core.Version(variants.VERSION)
+  RELEASE_NOTES = variants.RELEASE_NOTES
   RELEASE_FILES: tuple[str, ...] = ()  # annotation files, fingerprinted into metadata.json
 
   @tfds.core.utils.classproperty
@@ -94,7 +99,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not records:
       raise ValueError(f"{self.name}: no usable records in {root}.")
     self.info.metadata.update({
-        "dataset": self.name, "options": self._options(), "iqa_jax": iqa_jax.__version__,
+        "dataset": self.name, "options": self._options(), "iqa_jax": __version__,
         "release_files": tfds_source.release_fingerprint(root, self.RELEASE_FILES),
         "skipped": [[os.path.relpath(p, root), why] for p, why in skipped],
     })
@@ -122,8 +127,7 @@ class Clive(IqaBuilder):
   HOMEPAGE = "https://live.ece.utexas.edu/research/ChallengeDB/index.html"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(
       "ChallengeDB_release.zip", "Data/AllImages_release.mat, Data/AllMOS_release.mat, Images/")
-  BUILDER_CONFIGS = [_config("default", "The 7 practice images dropped.", drop_practice=True),
-                     _config("with_practice", "All 1169 entries.", drop_practice=False)]
+  BUILDER_CONFIGS = _configs("clive")
   RELEASE_FILES = ("Data/AllImages_release.mat", "Data/AllMOS_release.mat",
                    "Data/AllStdDev_release.mat")
 
@@ -136,8 +140,7 @@ class Koniq10k(IqaBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(
       "koniq10k_scores_and_distributions.zip and koniq10k_1024x768.zip (or _512x384.zip)",
       f"{koniq10k.TABLE} and 1024x768/ (or 512x384/)")
-  BUILDER_CONFIGS = [_config(res, f"Images from {res}/.", resolution=res)
-                     for res in koniq10k.RESOLUTIONS]
+  BUILDER_CONFIGS = _configs("koniq10k")
   RELEASE_FILES = (koniq10k.TABLE,)
 
 
@@ -176,8 +179,7 @@ class Agiqa3k(IqaBuilder):
   name = "agiqa3k"
   HOMEPAGE = "https://github.com/lcysyzxdxc/AGIQA-3k-Database"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions("data.csv and file.zip", "data.csv and file/")
-  BUILDER_CONFIGS = [_config("quality", "mos_quality / 5 (App. B).", target="quality"),
-                     _config("align", "mos_align / 5.", target="align")]
+  BUILDER_CONFIGS = _configs("agiqa3k")
   RELEASE_FILES = ("data.csv",)
 
 
@@ -197,20 +199,9 @@ BUILDERS: dict[str, type[IqaBuilder]] = {
 
 def find_config(name: str, options: dict) -> IqaConfig | None:
   """The builder config whose options `options` asks for (None: the dataset has no variants)."""
-  configs = builder_class(name).BUILDER_CONFIGS
-  if not configs:
-    return None
-  for config in configs:
-    # Text from --option or typed from the config: 'false' and False both pick drop_practice=False.
-    if all(str(options.get(k, v)).lower() == str(v).lower() for k, v in config.options.items()):
-      return config
-  asked = {k: options.get(k) for k in configs[0].options}
-  known = ", ".join(describe_options(c.options) for c in configs)
-  raise ValueError(f"{name}: no TFDS variant for {describe_options(asked)}; known: {known}.")
-
-
-def describe_options(options: dict) -> str:
-  return ",".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
+  variant = variants.find_variant(name, options)
+  return None if variant is None else next(
+      c for c in builder_class(name).BUILDER_CONFIGS if c.name == variant.name)
 
 
 def builder_class(name: str) -> type[IqaBuilder]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from iqa_jax import report
-from iqa_jax.run_folder import HISTORY, read_jsonl
+from iqa_jax.analysis import report
+from iqa_jax.runs.folder import HISTORY, read_jsonl
 
 # Table 4 / S3 group the datasets: synthetic distortions and AI-generated images vs in the wild.
 SYNTHETIC = ("agiqa1k", "agiqa3k", "kadid10k", "demo")
@@ -187,7 +187,7 @@ def compute_table(rows: list[dict]) -> report.Table:
   """Table S5: params, GMACs, memory at batch 1 per (model, head) variant of the runs."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from iqa_jax.compute import compute_profile  # pylint: disable=g-import-not-at-top
+  from iqa_jax.analysis.compute import compute_profile  # pylint: disable=g-import-not-at-top
   columns = ["Variant", "Input (HxW)", "Patch", "Params backbone", "Params head", "MACs (G)",
              "Matmul MACs (G)", "Mem (MiB)", "Batch", "Precision", "Framework", "Counter"]
   body, seen = [], set()

@@ -13,7 +13,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax.bench import _compiled_bytes, _xla_flops
+
+def xla_flops(compiled, devices: int) -> float | None:
+  """XLA's FLOP count of a compiled step, all devices (it counts one device's SPMD program)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost["flops"]) * devices if cost and cost.get("flops") else None
+
+
+def compiled_bytes(compiled) -> int | None:
+  """What the compiled program asks of one device: arguments + outputs + scratch - aliased."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001
+    return None
 
 
 def _dot_macs(eqn) -> int:
@@ -67,8 +85,8 @@ def compute_profile(config: ml_collections.ConfigDict) -> dict:
   params = jax.tree.map(jnp.asarray, params)
   forward = lambda p, x: model.apply({"params": p}, x)[0]  # noqa: E731
   compiled = jax.jit(forward).lower(params, images).compile()
-  flops = _xla_flops(compiled, 1)
-  memory = _compiled_bytes(compiled)
+  flops = xla_flops(compiled, 1)
+  memory = compiled_bytes(compiled)
   n_params = {k: int(sum(np.prod(x.shape) for x in jax.tree.leaves(v))) for k, v in params.items()}
   return {"input": f"{size}x{size}", "patch": config.model.get("arch", {}).get("patch_size"),
           "params_backbone": n_params.get("backbone", 0), "params_head": n_params.get("head", 0),
