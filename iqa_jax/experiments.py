@@ -210,6 +210,8 @@ def collect_results(out: str | Path) -> list[dict]:
                 "wall_s"):
       if key in results:
         row[key] = results[key]
+    if (workdir / run_folder.CONFIG).exists():  # the ablation tables read a run's settings here
+      row["config"] = run_folder.read_json(workdir / run_folder.CONFIG)
     rows.append(row)
     for cross_file in sorted(workdir.glob("cross/*/result.json")):
       rows.append({**run_folder.read_json(cross_file), "workdir": row["workdir"]})

@@ -116,8 +116,14 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
   if not f.exists():
     raise FileNotFoundError(f"{f} not found: --workdir must be a run folder made by "
                             f"`python -m iqa_jax.train`")
-  return ml_collections.ConfigDict(read_json(f, "Restore it from a backup, or retrain with "
-                                                "`python -m iqa_jax.train ... --restart`."))
+  recorded = read_json(f, "Restore it from a backup, or retrain with "
+                          "`python -m iqa_jax.train ... --restart`.")
+  if not isinstance(recorded, dict) or "format_version" in recorded:  # an export's config.json
+    raise RunFolderError(f"{workdir} is an exported model, not a run folder (its {CONFIG} has no "
+                         f"training config): --workdir takes the folder `python -m iqa_jax.train` "
+                         f"wrote; score an export with `python -m iqa_jax.score --model "
+                         f"{workdir}`.")
+  return ml_collections.ConfigDict(recorded)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
