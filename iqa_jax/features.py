@@ -36,6 +36,7 @@ import numpy as np
 from iqa_jax import checkpoint, run_folder
 from iqa_jax.data import cache as cache_lib
 from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.defaults import flag_error, help_requested
 from iqa_jax.models.head import QualityHead
 from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
 
@@ -327,31 +328,37 @@ def cache_for_frozen_run(config: ml_collections.ConfigDict, root: str | Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
-
-  flags.DEFINE_string("out", None, "Folder of the feature cache.")
-  flags.DEFINE_string("workdir", None, "A trained run whose backbone (LoRA / full) to use.")
-  flags.DEFINE_list("taps", [], "Backbone intermediates to store too, e.g. encoded,layer_20.")
-  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-  config_flags.DEFINE_config_file("config", None, "Config file (its model and data).",
-                                  lock_config=False)
-
-  def _main(_):
-    f = flags.FLAGS
-    if f.config is None or not f.out:
-      print("error: pass --config configs/<file>.py and --out FOLDER", file=sys.stderr)
-      sys.exit(2)
-    try:
-      extract_features(f.config, f.out, workdir=f.workdir, taps=f.taps, batch_size=f.batch_size,
-                       progress=f.config.get("progress", True))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(_main, argv=argv)
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()  # private flags: main() can run twice in one process (tests)
+  flags.DEFINE_string("out", None, "Folder of the feature cache.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "A trained run whose backbone (LoRA / full) to use.",
+                      flag_values=fv)
+  flags.DEFINE_list("taps", [], "Backbone intermediates to store too, e.g. encoded,layer_20.",
+                    flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+  flags.DEFINE_alias("batch-size", "batch_size", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Config file (its model and data), e.g. "
+                                  "configs/demo.py; --config.FIELD=VALUE overrides a field.",
+                                  flag_values=fv, lock_config=False, sys_argv=argv)
+  if help_requested(argv):
+    print(__doc__ + "\n" + fv.get_help())
+    return 0
+  try:
+    fv(argv)
+    if fv.config is None or not fv.out:
+      raise ValueError("pass --config configs/<file>.py and --out FOLDER")
+    extract_features(fv.config, fv.out, workdir=fv.workdir, taps=fv.taps,
+                     batch_size=fv.batch_size, progress=fv.config.get("progress", True))
+  except flags.Error as e:
+    print(f"error: {flag_error(e)}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -268,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("results", nargs="+", help="results.jsonl written by iqa_jax.experiments (or "
                   "its folder); several for the ablation tables (one matrix per setting)")
-  ap.add_argument("--table", default="1", choices=TABLES + analyses.ANALYSIS_TABLES)
+  ap.add_argument("--table", default="1", choices=TABLES + analyses.ANALYSIS_TABLES,
+                  help="the paper's table: 1, 2, S2, 3 (cross-dataset), S4, 6 (activation "
+                  "pairs); ablations 4 (masking), S3 (dropout), S1 (fine-tuning), 5 (beside the "
+                  "published), S5 (compute)")
   ap.add_argument("--figure", default=None, choices=analyses.FIGURES,
                   help="Figure S4 (LoRA rank) or S5 (PE layer) as a PNG instead of a table")
   ap.add_argument("--which", default="best", choices=("best", "final", "test"),
