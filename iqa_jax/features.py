@@ -78,22 +78,54 @@ def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None
 
 
 def read_index(folder: str | Path) -> dict:
+  """A finished feature cache's index.json, or one line saying what the folder is instead."""
   path = Path(folder) / INDEX
+  if not path.is_file() and (Path(folder) / PROGRESS).is_file():
+    raise ValueError(f"{folder} is an unfinished feature cache (extraction was stopped; "
+                     f"{PROGRESS}, no {INDEX}): rerun python -m iqa_jax.features with the same "
+                     f"--config and --out {folder} to finish it.")
   if not path.is_file():
     raise FileNotFoundError(f"{folder} is not a feature cache (no {INDEX}); build it with "
                             "python -m iqa_jax.features --config CFG --out FOLDER.")
-  index = json.loads(path.read_text())
+  index = run_folder.read_json(path, f"Delete {folder} and rebuild it with python -m "
+                               "iqa_jax.features.")
   if index.get("kind") != "features":
     raise ValueError(f"{folder} is a prepare (image) cache, not a feature cache: pass it as "
                      "--config.data.cache, or build features with python -m iqa_jax.features.")
   return index
 
 
+def _short(value) -> str:
+  """repr of a field, a long list (the cache's MOS values) as its length and first items."""
+  if isinstance(value, list) and len(repr(value)) > 80:
+    return f"[{', '.join(map(repr, value[:3]))}, ...] ({len(value)} values)"
+  return repr(value)
+
+
 def _mismatch(stored: dict, wanted: dict) -> str | None:
+  """The first field that differs (inside a nested dict, the field within it), shortly."""
   for k in sorted(set(stored) | set(wanted)):
-    if stored.get(k) != wanted.get(k):
-      return f"{k} is {stored.get(k)!r} in the cache but {wanted.get(k)!r} here"
+    a, b = stored.get(k), wanted.get(k)
+    if a != b:
+      if isinstance(a, dict) and isinstance(b, dict):
+        return _mismatch(a, b)
+      return f"{k} is {_short(a)} in the cache but {_short(b)} here"
   return None
+
+
+def check_covers(folder: str | Path, records) -> None:
+  """Every record is in the cache, or one line: a cache of a subset (another distortion list,
+  another data_dir) would otherwise train on the subset only, since a record the cache lacks
+  reads as unreadable and data.on_error=skip drops it."""
+  index = read_index(folder)
+  held = set(index["paths"])
+  missing = [r.path for r in records if r.path not in held]
+  if len(missing) > int(index.get("n_skipped", 0)):  # more than extraction itself skipped
+    raise ValueError(
+        f"{len(missing)} of {len(records)} records (e.g. {missing[0]}) are not in the feature "
+        f"cache {folder} ({len(held)} images of {index.get('dataset')}): it was built for other "
+        f"records (a subset, other data options or data.dir). Build a cache for this config with "
+        f"python -m iqa_jax.features --config ... --out NEW_FOLDER.")
 
 
 def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict, str]:
@@ -249,7 +281,10 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
           "mos": [float(r.mos) for r in records], "dataset": config.data.name}
   for name in (INDEX, PROGRESS):
     if (folder / name).is_file():
-      held = json.loads((folder / name).read_text())
+      held = run_folder.read_json(folder / name, "Choose another --out or delete that folder.")
+      if held.get("kind") != "features":
+        raise ValueError(f"{folder} holds a prepare (image) cache ({name}), not a feature cache; "
+                         "choose another --out.")
       held_want = {k: held.get(k) for k in want}
       if held_want != want:
         problem = _mismatch({k: held.get(k) for k in want if k != "paths"},

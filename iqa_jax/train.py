@@ -70,6 +70,8 @@ def gate_weights(params) -> dict[str, list[float]]:
 def load_data(config) -> tuple[dict, list]:
   """-> (splits {'train', 'val'[, 'test']}, skipped [(path, reason)]) of config.data."""
   records = datasets.load_records(config.data)
+  if config.data.get("features"):  # its own messages, before the pipeline reads it as a cache
+    features.check_covers(config.data.features, records)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
                                             cache=_cache(config),
                                             tfds=tfds_source.build_dir(config.data))
