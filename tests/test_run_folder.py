@@ -180,3 +180,18 @@ def test_issue9_base_checkpoint_recorded_and_checked(tiny_siglip_dir, tmp_path):
   with pytest.raises(RunFolderError, match=rf"fingerprint {recorded['fingerprint']}\), but .* "
                                            rf"{base} \(missing\)"):
     score.load_run(str(workdir))
+
+
+def test_readme_names_the_configs_that_take_init(tmp_path):
+  """Issue 23 item 12: the README said every config takes `:init=`; configs/demo.py refuses it.
+  Each config that takes it sets model.init from it; the README says which one does not."""
+  from pathlib import Path
+  names = sorted(p.stem for p in Path("configs").glob("*.py"))
+  takes_init = [n for n in names if n != "demo"]
+  for name in takes_init:
+    assert load_config(name, f"init={tmp_path}").model.init == str(tmp_path), name
+  with pytest.raises(ValueError, match="unknown config argument 'init'"):
+    load_config("demo", f"init={tmp_path}")
+  readme = " ".join(Path("README.md").read_text().split())
+  assert "every file takes `:head=` and `:init=`" not in readme
+  assert "`configs/demo.py` does not" in readme
