@@ -279,3 +279,15 @@ def test_cache_mistakes_name_the_right_tool_and_file(frozen_runs, tiny_demo_dir,
   with pytest.raises(ValueError, match="already holds a feature cache of something else") as e:
     features.extract_features(other, str(subset), progress=False)
   assert len(str(e.value)) < 400, len(str(e.value))
+
+
+def test_training_summary_names_the_backbone_of_a_cached_head(frozen_runs):
+  """Issue 23 item 8: a head trained on a cache said "finetune full, base none" on its card."""
+  from iqa_jax import run_folder
+  root, _, feats, _ = frozen_runs
+  summary = run_folder.training_summary(root / "cached")
+  assert summary["features"] == {"cache": str(feats.absolute()), "backbone": "siglip",
+                                 "init": None, "seed": 8, "source_run": None}
+  assert run_folder.describe_training(summary)[-1] == (
+      f"head trained on the feature cache {feats.absolute()}, features made by siglip (random "
+      "init, seed 8)")
