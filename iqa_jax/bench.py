@@ -412,9 +412,9 @@ def main(argv=None) -> int:
   ap.add_argument("--config", default="configs/siglip2_gated.py", help="config file[:arg]")
   ap.add_argument("--batch", type=int, default=32, help="global train batch")
   ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-  ap.add_argument("--infer-batch", type=int, default=64)
+  ap.add_argument("--infer-batch", type=int, default=64, help="inference batch")
   ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
   ap.add_argument("--tiny", action="store_true", help="the anchors' tiny tower, for CPUs")
   ap.add_argument("--flops-only", action="store_true",
                   help="trace the steps and print XLA's FLOP count; no compile, no timing")

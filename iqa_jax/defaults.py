@@ -1,6 +1,8 @@
 """The paper's training recipe as one base config; files in configs/ change only what differs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
 
@@ -143,3 +145,9 @@ def flag_error(e: Exception) -> str:
   the one that says what is wrong (e.g. the unknown config argument)."""
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return lines[-1] if lines else type(e).__name__
+
+
+def help_requested(argv: Sequence[str]) -> bool:
+  """-h, --help or --helpfull among the arguments: the absl CLIs print their flags and exit 0
+  (absl's own --help exits 1)."""
+  return bool({"-h", "--help", "--helpfull"} & set(argv))

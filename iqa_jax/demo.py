@@ -17,9 +17,12 @@ import numpy as np
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m iqa_jax.demo", description=__doc__)
-  ap.add_argument("--workdir", default="checkpoints/demo")
-  ap.add_argument("--data-dir", default="demo_data")
-  ap.add_argument("--config-arg", default="", help="e.g. head=sigmoid,epochs=8")
+  ap.add_argument("--workdir", default="checkpoints/demo",
+                  help="run folder (the export goes to WORKDIR/model)")
+  ap.add_argument("--data-dir", "--data_dir", dest="data_dir", default="demo_data",
+                  help="folder of the demo set; built there when it holds none")
+  ap.add_argument("--config-arg", "--config_arg", dest="config_arg", default="",
+                  help="configs/demo.py arguments, e.g. head=sigmoid,epochs=8")
   a = ap.parse_args(argv)
   t0 = time.time()
 

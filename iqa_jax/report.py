@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa_jax.models.head import resolve_head
+from iqa_jax.run_folder import read_jsonl
 
 TABLES = ("1", "2", "S2", "3", "S4", "6")
 ACT_NAMES = {"lrelu": "LReLU", "relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "sigmoid": "Sig",
@@ -42,7 +42,11 @@ def load_rows(path: str | Path) -> list[dict]:
   path = Path(path)
   if path.is_dir():
     path = path / "results.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: pass a results.jsonl written by "
+                            f"`python -m iqa_jax.experiments` (or its matrix folder)")
+  return read_jsonl(path, "Rewrite it by rerunning `python -m iqa_jax.experiments` with the same "
+                    "--out (finished runs are skipped).")
 
 
 def act_pair(head: str) -> str:
@@ -264,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("results", nargs="+", help="results.jsonl written by iqa_jax.experiments (or "
                   "its folder); several for the ablation tables (one matrix per setting)")
-  ap.add_argument("--table", default="1", choices=TABLES + analyses.ANALYSIS_TABLES)
+  ap.add_argument("--table", default="1", choices=TABLES + analyses.ANALYSIS_TABLES,
+                  help="the paper's table: 1, 2, S2, 3 (cross-dataset), S4, 6 (activation "
+                  "pairs); ablations 4 (masking), S3 (dropout), S1 (fine-tuning), 5 (beside the "
+                  "published), S5 (compute)")
   ap.add_argument("--figure", default=None, choices=analyses.FIGURES,
                   help="Figure S4 (LoRA rank) or S5 (PE layer) as a PNG instead of a table")
   ap.add_argument("--which", default="best", choices=("best", "final", "test"),
@@ -287,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if not t.rows:  # nothing to show: keep an earlier table's CSV rather than overwrite it empty
+    print(f"error: no run in {', '.join(a.results)} fills Table {a.table}"
+          + (" (it needs runs with another setting than k = 100 beside those at k = 100)"
+             if a.table in ("4", "S3") else "") + "; nothing written", file=sys.stderr)
+    return 1
   print(to_markdown(t))
   suffix = "" if a.which == "best" else f"_{a.which}"
   name = f"figure{a.figure}" if a.figure else f"table{a.table}{suffix}"

@@ -210,3 +210,71 @@ def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, 
     history = read_jsonl(path.parent / "runs/demo/gated/seed8/history.jsonl")
     np.testing.assert_array_equal(curves[("demo", "gated", int(x))],
                                   [h["val"]["srcc"] for h in history])
+
+
+def _retention_matrices(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  full = _fake_matrix(tmp_path / "a", [("clive", "baseline", {}, .60, .66)])
+  masked = _fake_matrix(tmp_path / "b", [
+      ("clive", "baseline", {"feature_keep_percentile": 50.0}, .55, .60)])
+  return full, masked
+
+
+def test_moved_run_folders_stop_the_report_naming_the_folder(tmp_path, capsys):
+  """Issue 23 item 5: a missing config.json was read as {}, so k=50 became k=100, the table came
+  out empty ("(no runs)"), exit 0, and an earlier table4.csv was overwritten."""
+  import shutil
+
+  from iqa_jax import report
+  full, masked = _retention_matrices(tmp_path)
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  capsys.readouterr()
+  csv_file = tmp_path / "a" / "tables" / "table4.csv"
+  before = csv_file.read_text()
+  assert ",50," in before
+  shutil.rmtree(tmp_path / "b" / "runs")  # the matrix's run folders moved elsewhere
+  assert report.main([str(full), str(masked), "--table", "4"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{tmp_path / 'b' / 'runs' / '0'}" in err[0] and "config.json" in err[0]
+  assert report.main([str(masked), "--table", "S1"]) == 2  # not "LoRA (r=4)" for a frozen run
+  assert csv_file.read_text() == before
+
+
+def test_tables_read_the_config_a_row_records_without_its_run_folder(tmp_path, capsys):
+  """Rows written by experiments.collect_results carry the run's config: no folder needed."""
+  import json
+  import shutil
+
+  from iqa_jax import report
+  full, masked = _retention_matrices(tmp_path)
+  for results in (full, masked):
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in rows:
+      r["config"] = json.loads((results.parent / r["workdir"] / "config.json").read_text())
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(results.parent / "runs")
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  # k=50: clive .55 / .60, Δ from k=100 (.60 / .66) = -.05 / -.06.
+  assert "| MLP-LReLU (Masking) | 50 | .550 | .600 | -.050 | -.060 |" in capsys.readouterr().out
+
+
+def test_collect_results_records_each_runs_config(tmp_path):
+  import json
+
+  from iqa_jax import experiments
+  workdir = tmp_path / "runs" / "demo" / "gated" / "seed8"
+  workdir.mkdir(parents=True)
+  (workdir / "run.json").write_text(json.dumps({"dataset": "demo", "head": "gated", "seed": 8}))
+  config = {"model": {"finetune": "frozen", "feature_keep_percentile": 70.0}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  (row,) = experiments.collect_results(tmp_path)
+  assert row["config"] == config and row["status"] == "running"
+
+
+def test_table_s1_labels_the_lora_rank_the_runs_used(tmp_path):
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [("clive", "baseline",
+                                     {"finetune": "lora", "lora": {"rank": 8}}, .85, .84)])
+  (row,) = analyses.make_analysis_table([results], "S1").rows
+  assert row[1] == "LoRA (r=8)"

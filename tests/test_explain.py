@@ -195,3 +195,23 @@ def test_over_training_refuses_an_epoch_the_run_did_not_keep(trained_run, capsys
                        "--over-training", "--epochs", "1,3", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--epochs 3:" in err and "keeps epochs 1,2" in err
+
+
+def test_gradcam_and_tsne_refuse_user_mistakes_in_one_line(trained_run, tmp_path, capsys):
+  """Issue 23 items 9, 11: an export folder as --workdir and an --out that is a file were
+  tracebacks; --per-split 0 failed inside scikit-learn."""
+  from iqa_jax import export
+  config, workdir, _ = trained_run
+  image = f"{config.data.dir}/images/I01_01_05_c01.png"
+  model = export.export_run(str(workdir), str(tmp_path / "model"))
+  cases = [
+      (["gradcam", "--workdir", str(model), "--out", str(tmp_path / "g"), image],
+       "is an exported model, not a run folder"),
+      (["gradcam", "--workdir", str(workdir), "--out", image, image], f"--out {image} is a file"),
+      (["tsne", "--workdir", str(workdir), "--out", str(tmp_path / "t"), "--per-split", "0"],
+       "--per-split 0: t-SNE and the silhouette score need at least 10")]
+  for argv, message in cases:
+    assert explain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+  assert not (tmp_path / "g").exists() and not (tmp_path / "t").exists()

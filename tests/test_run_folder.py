@@ -180,3 +180,41 @@ def test_issue9_base_checkpoint_recorded_and_checked(tiny_siglip_dir, tmp_path):
   with pytest.raises(RunFolderError, match=rf"fingerprint {recorded['fingerprint']}\), but .* "
                                            rf"{base} \(missing\)"):
     score.load_run(str(workdir))
+
+
+def test_readme_names_the_configs_that_take_init(tmp_path):
+  """Issue 23 item 12: the README said every config takes `:init=`; configs/demo.py refuses it.
+  Each config that takes it sets model.init from it; the README says which one does not."""
+  from pathlib import Path
+  names = sorted(p.stem for p in Path("configs").glob("*.py"))
+  takes_init = [n for n in names if n != "demo"]
+  for name in takes_init:
+    assert load_config(name, f"init={tmp_path}").model.init == str(tmp_path), name
+  with pytest.raises(ValueError, match="unknown config argument 'init'"):
+    load_config("demo", f"init={tmp_path}")
+  readme = " ".join(Path("README.md").read_text().split())
+  assert "every file takes `:head=` and `:init=`" not in readme
+  assert "`configs/demo.py` does not" in readme
+
+
+def test_training_summary_of_a_killed_run_reads_history(run_copy):
+  """Issue 23 item 8 (the run side of the model card): a killed run has no results.json; its
+  best epoch comes from history.jsonl and it is marked unfinished, not "best (epoch 0), n/a"."""
+  _, workdir, results = run_copy
+  done = run_folder.training_summary(workdir)
+  assert done["status"] == "done" and done["best"] == results["best"]
+  (workdir / "results.json").unlink()  # killed after its last epoch, before results.json
+  killed = run_folder.training_summary(workdir)
+  assert (killed["status"], killed["epochs_done"], killed["epochs_planned"]) == ("unfinished", 2, 2)
+  assert killed["best"] == results["best"]  # training's own rule, recomputed from the history
+  lines = run_folder.describe_training(killed)
+  assert lines[0] == "**unfinished**: 2 of 2 epochs trained (no results.json: killed, or still " \
+                     "training)"
+  assert lines[1] == (f"best epoch {results['best']['epoch'] + 1}: val SRCC "
+                      f"{results['best']['srcc']:.4f}, PLCC {results['best']['plcc']:.4f} "
+                      "(from history.jsonl)")
+  history = (workdir / "history.jsonl").read_text().splitlines()
+  (workdir / "history.jsonl").write_text(history[0] + "\n")  # killed in epoch 2
+  first = run_folder.training_summary(workdir)
+  assert first["epochs_done"] == 1 and first["best"]["epoch"] == 0
+  assert first["best"]["srcc"] == json.loads(history[0])["val"]["srcc"]
