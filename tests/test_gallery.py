@@ -284,3 +284,37 @@ def test_pages_draw_in_chromium_without_console_errors(tiny_demo_dir, tmp_path):
   assert len(got) == 4 and got == sorted(got) and got != [float(cell(r, 3)) for r in
                                                           Page(run_html.read_text()).tables[
                                                               "group-distortion"]]
+
+
+@pytest.mark.slow  # two eager Grad-CAM passes: 32.7 s wall on 2 busy cores (load 6)
+def test_gradcam_overlays_are_explains_gradcam_of_each_image(trained_run):
+  from iqa_jax import explain, score
+  _, workdir, _ = trained_run
+  over = Page(gallery.run_page(str(workdir), top=1, gradcam=True)[0]).tables["over"]
+  # The reference: explain's Grad-CAM of this one image (the page maps its images in one batch).
+  loaded = score.load_run(str(workdir))
+  (x, image), = explain._model_inputs(loaded, [over[0][-1][1]])
+  want = explain.overlay(image, np.asarray(explain.gradcam(loaded.model, loaded.params, x)[0][0]))
+  got = decode(over[0][2][3]["src"]).astype(int)  # PNG: lossless
+  assert np.abs(got - want).max() <= 1  # float32 maps of a batch of 2 vs 1; measured 0
+
+
+def test_score_records_its_model_and_the_scores_page_shows_it(trained_run, tmp_path):
+  """OUT.model.json beside the CSV; --resume with another view is refused before any row."""
+  from iqa_jax import score
+  config, workdir, _ = trained_run
+  paths = [r.path for r in datasets.load_splits(str(workdir))["val"][:3]]
+  out = str(tmp_path / "s.csv")
+  score.score_paths(str(workdir), paths, out, batch_size=4, progress=False)
+  record = json.loads(Path(out + ".model.json").read_text())
+  assert record["model"] == str(Path(workdir).resolve()) and record["kind"] == "run"
+  assert (record["head"], record["dataset"], record["view"]) == (config.model.head, "demo",
+                                                                  config.data.test_view)
+  shown = {r[0][1]: r[1][1] for r in Page(gallery.scores_page(out, top=1)[0]).tables["model"]}
+  assert shown["head"] == config.model.head and shown["model"] == record["model"]
+  before = Path(out).read_text()
+  other = "resize" if config.data.test_view == "crops" else "crops"
+  with pytest.raises(score.UsageError, match="scored by another model"):
+    score.score_paths(str(workdir), paths, out, batch_size=4, progress=False, resume=True,
+                      view=other)
+  assert Path(out).read_text() == before
