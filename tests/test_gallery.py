@@ -144,7 +144,8 @@ def write_scores(path: Path, paths: list[str], scores: np.ndarray, failed: dict)
       w.writerow((p, "", "", e))
 
 
-def test_scores_page_samples_with_counts_and_lists_failed_rows(tiny_demo_dir, tmp_path):
+def test_scores_page_samples_with_counts_and_lists_failed_rows(tiny_demo_dir, tmp_path,
+                                                              monkeypatch):
   paths = sorted(str(p) for p in (tiny_demo_dir / "images").glob("I01_*.png"))[:60]
   scores = np.random.RandomState(1).rand(60)
   failed = {str(tmp_path / "gone.png"): "ImageError: gone.png: file not found",
@@ -174,6 +175,9 @@ def test_scores_page_samples_with_counts_and_lists_failed_rows(tiny_demo_dir, tm
   assert text.count('class="bin"') == 20
   assert [(r[0][1], r[1][1]) for r in page.tables["failed"]] == list(failed.items())
   assert "model-missing" in page.ids  # written by hand: no OUT.model.json beside it
+  monkeypatch.setattr(gallery, "FAILED_ROWS", 1)  # more failed rows than a page lists: said so
+  page = Page(gallery.scores_page(str(out), top=5, sample=10)[0])
+  assert len(page.tables["failed"]) == 1 and "failed-sampled" in page.ids
 
 
 def test_bad_input_is_one_line_or_a_page_that_says_what_is_missing(tiny_demo_dir, tmp_path,

@@ -41,6 +41,7 @@ KADID_DISTORTIONS = (
     "denoise", "brighten", "darken", "mean shift", "jitter", "non-eccentricity patch", "pixelate",
     "quantization", "color block", "high sharpen", "contrast change")
 SCATTER_POINTS = 5000  # more validation images than this are drawn as an even sample, said so
+FAILED_ROWS = 1000  # failed rows listed on a page; the page says how many more the CSV holds
 
 
 class GalleryError(ValueError):
@@ -487,10 +488,14 @@ def scores_page(scores: str, top: int = 12, sample: int = 48, thumb: int = 128,
                           groups=("rank", "part")))
   body.append(_missing_note(thumbs, ims, image_root))
   body.append(f"<h2>Failed rows ({len(failed)})</h2>")
+  if len(failed) > FAILED_ROWS:
+    body.append(f'<p class="note" id="failed-sampled">The first {FAILED_ROWS} of {len(failed)} '
+                f"failed rows; all of them are in {esc(scores)}.</p>")
   if failed:
     body.append('<table id="failed" class="sortable"><thead><tr><th>path</th><th>error</th></tr>'
                 "</thead><tbody>" + "".join(f'<tr><td class="path">{esc(r[0])}</td>'
-                                            f"<td>{esc(r[3])}</td></tr>" for r in failed)
+                                            f"<td>{esc(r[3])}</td></tr>"
+                                            for r in failed[:FAILED_ROWS])
                 + "</tbody></table>")
   else:
     body.append("<p>none</p>")
