@@ -252,7 +252,7 @@ def esc(value) -> str:
 def number_cell(text: str, digits: int = 4) -> str:
   """A number as the source spells it in data-v, shown rounded."""
   try:
-    shown = f"{float(text):.{digits}f}" if text != "" else "—"
+    shown = f"{float(text):.{digits}f}" if text != "" and math.isfinite(float(text)) else "—"
   except ValueError:
     shown = text
   return f'<td class="num" data-v="{esc(text)}">{esc(shown)}</td>'
@@ -377,20 +377,33 @@ def run_page(workdir: str, top: int = 12, gradcam: bool = False, thumb: int = 12
   over = [images[i] for i in order[::-1][:n]]
   under = [images[i] for i in order[:n]]
   best = results.get("best") or {}
-  body = [key_table("header", run_header(config, results))]
-  body += [f'<p class="note">{esc(x)}</p>' for x in notes]
+  notes = "".join(f'<p class="note">{esc(x)}</p>' for x in notes)
+  body = [f'<div class="charts"><div>{key_table("header", run_header(config, results))}{notes}'
+          f"</div>{svg_scatter(pred, mos, beta)}</div>"]
   body.append(
-      "<h2>Prediction vs MOS (validation, best epoch)</h2>"
-      f"<p>results.json, best epoch: SRCC {_metric('srcc', best.get('srcc'))}, "
-      f"PLCC {_metric('plcc', best.get('plcc'))}. From val_predictions.csv ({len(images)} images"
+      "<p>Prediction vs MOS (validation, best epoch). results.json, best epoch: SRCC "
+      f"{_metric('srcc', best.get('srcc'))}, PLCC {_metric('plcc', best.get('plcc'))}. From "
+      f"val_predictions.csv ({len(images)} images"
       + (f", {SCATTER_POINTS} drawn, evenly sampled" if len(images) > SCATTER_POINTS else "")
       + f"): SRCC {_metric('csv_srcc', m['srcc'])}, PLCC {_metric('csv_plcc', m['plcc'])}, "
       "PLCC after the 4-parameter logistic (red) "
       f"{_metric('csv_plcc_logistic', m['plcc_logistic'])}"
       + (f'; logistic β <span id="beta" data-v="{esc(json.dumps(beta.tolist()))}">'
          f"{', '.join(f'{b:.3g}' for b in beta)}</span>" if beta is not None else "") + ".</p>")
-  body.append(f'<div class="charts">{svg_scatter(pred, mos, beta)}</div>')
   group_keys = list(dict.fromkeys(k for im in images for k in im.groups))
+  groups = []
+  for key in group_keys:
+    rows = group_errors(images, key)
+    groups.append(
+        f"<div><h2>Error per {esc(key)}</h2><table id=\"group-{key}\" class=\"sortable\"><thead>"
+        f"<tr><th>{esc(key)}</th><th>n</th><th>mean error</th><th>mean |error|</th><th>SRCC</th>"
+        "</tr></thead><tbody>"
+        + "".join(f"<tr><td>{esc(r['group'])}</td>" + number_cell(str(r["n"]), 0)
+                  + "".join(number_cell(repr(r[c])) for c in ("mean_error", "mae", "srcc"))
+                  + "</tr>" for r in rows)
+        + f"</tbody></table>{svg_bars(rows, key)}</div>")
+  if groups:
+    body.append(f'<div class="charts">{"".join(groups)}</div>')
   paths = [remap(im.path, image_root) for im in over + under]
   thumbs = [thumbnail(p, thumb) for p in paths]
   overlays = gradcam_uris(workdir, paths, thumb) if gradcam else []
@@ -402,15 +415,6 @@ def run_page(workdir: str, top: int = 12, gradcam: bool = False, thumb: int = 12
     body.append(f"<h2>{esc(title)}</h2>")
     body.append(image_table(table_id, ims, ("mos", "pred", "error"), t, thumb, o, group_keys))
   body.append(_missing_note(thumbs, over + under, image_root))
-  for key in group_keys:
-    rows = group_errors(images, key)
-    body.append(f"<h2>Error per {esc(key)}</h2><div class=\"charts\"><table id=\"group-{key}\" "
-                f'class="sortable"><thead><tr><th>{esc(key)}</th><th>n</th>'
-                "<th>mean error</th><th>mean |error|</th><th>SRCC</th></tr></thead><tbody>"
-                + "".join(f"<tr><td>{esc(r['group'])}</td>" + number_cell(str(r["n"]), 0)
-                          + "".join(number_cell(repr(r[c])) for c in ("mean_error", "mae", "srcc"))
-                          + "</tr>" for r in rows)
-                + f"</tbody></table>{svg_bars(rows, key)}</div>")
   title = f"{config['data']['name']} · {config['model'].get('head')} head · seed " \
           f"{config.get('seed')} · {Path(workdir).resolve().name}"
   return page(title, body), {"images": len(images), "shown": 2 * n,
