@@ -222,6 +222,12 @@ th.desc:after{content:" ▼"}td.num{text-align:right;font-variant-numeric:tabula
 td.path{font-size:12px;word-break:break-all;max-width:360px}.note{color:#8a4b00}
 img.thumb{image-rendering:pixelated;display:block}.charts{display:flex;gap:24px;flex-wrap:wrap}
 input.filter{margin:4px 0;padding:3px;width:320px}
+table.grid thead tr{display:flex;flex-wrap:wrap}
+table.grid tbody{display:flex;flex-wrap:wrap;gap:6px}
+table.grid tbody tr{display:flex;flex-direction:column;border:1px solid #ccc}
+table.grid tbody td{border:none;padding:1px 4px;font-size:12px;text-align:left}
+table.grid td.path{font-size:10px;max-width:136px}
+table.grid td[data-label]:before{content:attr(data-label) " ";color:#777}
 """
 # Sort on a header click (numbers by data-v, else text); filter rows by a substring.
 SCRIPT = """
@@ -249,31 +255,33 @@ def esc(value) -> str:
   return html.escape(str(value), quote=True)
 
 
-def number_cell(text: str, digits: int = 4) -> str:
+def number_cell(text: str, digits: int = 4, label: str = "") -> str:
   """A number as the source spells it in data-v, shown rounded."""
   try:
     shown = f"{float(text):.{digits}f}" if text != "" and math.isfinite(float(text)) else "—"
   except ValueError:
     shown = text
-  return f'<td class="num" data-v="{esc(text)}">{esc(shown)}</td>'
+  label = f' data-label="{esc(label)}"' if label else ""
+  return f'<td class="num" data-v="{esc(text)}"{label}>{esc(shown)}</td>'
 
 
 def image_table(table_id: str, images: Sequence[PageImage], columns: Sequence[str],
                 thumbs: Sequence[str | None], size: int, overlays: Sequence[str | None] = (),
-                groups: Sequence[str] = ()) -> str:
-  """A sortable, filterable table: rank, thumbnail (and Grad-CAM), numbers, groups, path."""
+                groups: Sequence[str] = (), grid: bool = False) -> str:
+  """A sortable, filterable table: rank, thumbnail (and Grad-CAM), numbers, groups, path;
+  `grid` lays each row out as a card (CSS only: sorting and filtering stay the same)."""
   head = ["#", "image"] + (["Grad-CAM"] if overlays else []) + list(columns) + list(groups) \
       + ["path"]
   out = [f'<input class="filter" data-table="{table_id}" placeholder="filter by path or group">',
-         f'<table id="{table_id}" class="sortable"><thead><tr>'
+         f'<table id="{table_id}" class="sortable{" grid" if grid else ""}"><thead><tr>'
          + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>"]
   for i, im in enumerate(images):
     cells = [f'<td class="num" data-v="{i + 1}">{i + 1}</td>']
     for uri in [thumbs[i]] + ([overlays[i]] if overlays else []):
       cells.append(f'<td><img class="thumb" width="{size}" src="{uri}" alt="{esc(im.path)}">'
                    "</td>" if uri else '<td class="note">image not found</td>')
-    cells += [number_cell(im.values.get(c, "")) for c in columns]
-    cells += [f"<td>{esc(im.groups.get(g, ''))}</td>" for g in groups]
+    cells += [number_cell(im.values.get(c, ""), label=c) for c in columns]
+    cells += [f'<td data-label="{esc(g)}">{esc(im.groups.get(g, ""))}</td>' for g in groups]
     cells.append(f'<td class="path">{esc(im.path)}</td>')
     out.append("<tr>" + "".join(cells) + "</tr>")
   return "\n".join(out) + "</tbody></table>"
@@ -482,14 +490,15 @@ def scores_page(scores: str, top: int = 12, sample: int = 48, thumb: int = 128,
                  f"{len(shown)} of {len(scored)} (the top {top} and bottom {top} by score, and "
                  f"{len(shown) - 2 * top} evenly spaced by rank in between)")
               + ". The histogram counts every scored row.</p>")
-  body.append(f"<h2>Scores</h2><div class=\"charts\">{hist}</div>")
+  body = [f'<div class="charts"><div style="max-width:560px">{"".join(body)}</div>'
+          f'<div><h2>Scores</h2>{hist}</div></div>']
   ims = [scored[i] for i, _ in shown]
   for im, (i, part) in zip(ims, shown, strict=True):
     im.groups = {"rank": str(i + 1), "part": part}
   thumbs = [thumbnail(remap(im.path, image_root), thumb) for im in ims]
   body.append("<h2>Images by score (highest first)</h2>")
   body.append(image_table("images", ims, ("score", "mos"), thumbs, thumb,
-                          groups=("rank", "part")))
+                          groups=("rank", "part"), grid=True))
   body.append(_missing_note(thumbs, ims, image_root))
   body.append(f"<h2>Failed rows ({len(failed)})</h2>")
   if len(failed) > FAILED_ROWS:
