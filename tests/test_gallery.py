@@ -90,7 +90,7 @@ def cell(row, i):
   return row[i][2]
 
 
-def test_run_page_numbers_equal_the_csv_and_results(tiny_demo_dir, tmp_path):
+def test_run_page_numbers_equal_the_csv_and_results(tiny_demo_dir, tmp_path, monkeypatch):
   workdir, val, _ = make_run(tmp_path / "run", tiny_demo_dir)
   text, summary = gallery.run_page(str(workdir), top=5)
   page = Page(text)
@@ -132,6 +132,10 @@ def test_run_page_numbers_equal_the_csv_and_results(tiny_demo_dir, tmp_path):
     assert float(cell(got[name], 3)) == pytest.approx(np.mean(np.abs(e)), abs=1e-12)
   assert {r[0][1] for r in page.tables["group-level"]} == {"1", "2", "3", "4", "5"} & {
       str(round(6 - v.raw_mos)) for v in val}
+  assert text.count("<circle") == 40  # every point drawn ...
+  monkeypatch.setattr(gallery, "SCATTER_POINTS", 25)  # ... until there are more than this
+  text, _ = gallery.run_page(str(workdir), top=5)
+  assert text.count("<circle") == 25 and "(40 images, 25 drawn, evenly sampled)" in text
 
 
 def write_scores(path: Path, paths: list[str], scores: np.ndarray, failed: dict) -> None:
