@@ -194,6 +194,10 @@ def test_bad_input_is_one_line_or_a_page_that_says_what_is_missing(tiny_demo_dir
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "val_predictions.csv not found" in err[0] and not out.exists()
   (tmp_path / "kept.csv").rename(workdir / "val_predictions.csv")
+  with pytest.raises(SystemExit) as exit_:  # a flag mistake
+    report.main(["gallery", "--workdir", str(workdir)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert exit_.value.code == 2 and len(err) == 1 and "--out" in err[0]
   # A CSV that is not a score CSV, and a file at --out that is not a gallery page.
   bad = tmp_path / "labels.csv"
   bad.write_text("path,mos\na.png,0.5\n")
