@@ -103,7 +103,7 @@ def thumbnail(path: str, size: int) -> str | None:
 
   from iqa_jax.data.images import load_image
   try:
-    image = PILImage.fromarray(load_image(path))
+    image = PILImage.fromarray(load_image(path, draft_size=size))  # JPEGs decode at 1/2..1/8
   except (OSError, ValueError):
     return None
   image.thumbnail((size, size), PILImage.LANCZOS)
@@ -345,9 +345,14 @@ def read_run(workdir: str) -> tuple[list[PageImage], dict, dict, list[str]]:
     notes.append(f"{w / 'splits.json'} not found: no groups.")
   name = config["data"]["name"]
   images = []
-  for r in rows:
-    values = {"mos": r["mos"], "pred": r["pred"],
-              "error": repr(float(r["pred"]) - float(r["mos"]))}
+  for line, r in enumerate(rows, start=2):
+    try:
+      values = {"mos": r["mos"], "pred": r["pred"],
+                "error": repr(float(r["pred"]) - float(r["mos"]))}
+    except (TypeError, ValueError):
+      raise GalleryError(f"{predictions} line {line}: mos {r['mos']!r} and pred {r['pred']!r} "
+                         "must be numbers (the file was cut or edited); restore it, or "
+                         "retrain with --restart") from None
     rec = extras.get(r["path"])
     groups = image_groups(name, r["path"], rec.raw_mos, rec.extras) if rec else {}
     images.append(PageImage(r["path"], values, groups))
