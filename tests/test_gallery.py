@@ -298,7 +298,7 @@ def test_pages_draw_in_chromium_without_console_errors(tiny_demo_dir, tmp_path):
                                                               "group-distortion"]]
 
 
-@pytest.mark.slow  # two eager Grad-CAM passes: 32.7 s wall on 2 busy cores (load 6)
+@pytest.mark.slow  # two eager Grad-CAM passes: 16.4 s CPU, 52.5 s wall at load 11 on 2 cores
 def test_gradcam_overlays_are_explains_gradcam_of_each_image(trained_run):
   from iqa_jax import explain, score
   _, workdir, _ = trained_run
