@@ -1,5 +1,6 @@
 """The embedded demo, end to end: build the set, train, print the table, export the model to
-WORKDIR/model (self-contained) and score the validation images with it into a CSV.
+WORKDIR/model (self-contained), score the validation images with it into a CSV, and write two
+HTML pages to look at them (WORKDIR/gallery.html: the run; WORKDIR/val_scores.html: the CSV).
 
 python -m iqa_jax.demo [--workdir checkpoints/demo] [--config-arg head=sigmoid]
 """
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
   t0 = time.time()
 
   from iqa_jax import export, metrics, score, train
+  from iqa_jax.analysis import gallery
   from iqa_jax.data import demo
   from iqa_jax.defaults import load_config_file
 
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
   m = metrics.compute_metrics(pred, [mos[r["path"]] for r in rows])
   print(f"scored {summary['scored']} validation images -> {out} "
         f"(SRCC {m['srcc']:.4f}, PLCC {m['plcc']:.4f})")
+  # The validation set to look at: the run's errors and the CSV's scores, one page each.
+  for page, (html, _) in (("gallery.html", gallery.run_page(a.workdir, gradcam=True)),
+                          ("val_scores.html", gallery.scores_page(out))):
+    print(f"gallery: {gallery.write_page(html, str(Path(a.workdir) / page))}")
   print(f"demo wall time: {time.time() - t0:.1f} s")
   return 0
 

@@ -186,6 +186,18 @@ def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
   return written
 
 
+def score_overlays(workdir: str, paths: Sequence[str], which: str = "best") -> list[np.ndarray]:
+  """The score's Grad-CAM over each image as shown, uint8 (H, W, 3) (the gallery's overlays)."""
+  from iqa_jax.score import load_run
+  loaded = load_run(workdir, which)
+  inputs = _model_inputs(loaded, paths)
+  if len({x.shape for x, _ in inputs}) == 1:  # one batch: the module is found and traced once
+    maps = gradcam(loaded.model, loaded.params, jnp.concatenate([x for x, _ in inputs]))[0]
+  else:
+    maps = [gradcam(loaded.model, loaded.params, x)[0][0] for x, _ in inputs]
+  return [overlay(image, np.asarray(m)) for m, (_, image) in zip(maps, inputs, strict=True)]
+
+
 def over_training(workdir: str, paths: Sequence[str], epochs: Sequence[int] = ()
                   ) -> tuple[list[dict], list[np.ndarray]]:
   """Grad-CAM of the score with the params kept after each epoch (Figure S6), or after the

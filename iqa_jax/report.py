@@ -1,4 +1,5 @@
 """Paper-style tables from a results store: python -m iqa_jax.report DIR/results.jsonl --table 1
+(and one HTML page of a run's or a score CSV's images: python -m iqa_jax.report gallery --help)
 
 Tables 1/2 (model x dataset SRCC / raw PLCC; Table 1 the baseline and +Sig heads, Table 2 the
 gated head), S2 (their standard deviations over seeds), 3 (cross-dataset SRCC), S4 (its standard
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa_jax.analysis import gallery
 from iqa_jax.models.head import resolve_head
 from iqa_jax.run_folder import read_jsonl
 
@@ -263,6 +265,9 @@ def write_tables(rows: list[dict], out_dir: str | Path, which: str = "best") -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["gallery"]:  # python -m iqa_jax.report gallery ... (one HTML page)
+    return gallery.main(argv[1:])
   from iqa_jax import analyses  # pylint: disable=g-import-not-at-top  (it builds on this module)
   ap = argparse.ArgumentParser(prog="python -m iqa_jax.report", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -223,6 +223,8 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
     old_rows, cut = read_score_csv(out) if resume and os.path.exists(out) else ([], False)
     scorer = Scorer.from_pretrained(model, which=which, batch_size=batch_size, view=view,
                                     crops=crops)
+    record = model_record(model, which, scorer)
+    _check_same_model(out, record, resume)
     wanted = set(paths)
     redo = {r[0] for r in old_rows if not _is_scored(r) and r[0] in wanted}
     if cut:
@@ -234,6 +236,7 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
       _write_rows(out, kept)  # the cut line and the rows to retry go; the rest stays
     else:
       _write_rows(out, [])
+    _write_json(out + ".model.json", record)
     if shard is not None:
       _write_json(out + ".shard.json", {"shard": shard[0], "of": shard[1], "inputs": n_all,
                                         "inputs_sha256": digest})
@@ -245,6 +248,38 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
       rows.sort(key=lambda r: order.get(r[0], len(order)))
       _write_rows(out, rows)
   return summary
+
+
+def model_record(model: str, which: str, scorer: Scorer) -> dict:
+  """OUT.model.json: the model that made a CSV and how it looked at the images (the gallery
+  page shows it)."""
+  info = scorer.loaded.info
+  exported = info.get("exported")
+  config = exported or info.get("config") or {}
+  m = config.get("model", {})
+  return {"model": str(Path(model).resolve()), "kind": "exported" if exported else "run",
+          "checkpoint": (exported.get("source") or {}).get("checkpoint") if exported else which,
+          "run": (exported.get("source") or {}).get("run") if exported else str(Path(model)
+                                                                                  .resolve()),
+          "dataset": info.get("dataset"), "backbone": m.get("backbone"), "head": m.get("head"),
+          "finetune": m.get("finetune"), "view": scorer.view,
+          "crops": scorer.crops if scorer.view == "crops" else None}
+
+
+def _check_same_model(out: str, record: dict, resume: bool) -> None:
+  """--resume keeps rows only of the model (and checkpoint and view) that scored them."""
+  side = Path(out + ".model.json")
+  if not resume or not side.exists():
+    return
+  try:
+    old = json.loads(side.read_text())
+  except json.JSONDecodeError:
+    return  # rewritten below
+  keys = ("model", "checkpoint", "view", "crops")
+  diff = [f"{k} {old.get(k)!r} -> {record[k]!r}" for k in keys if old.get(k) != record[k]]
+  if diff:
+    raise UsageError(f"{out} was scored by another model ({side}: {', '.join(diff)}); --resume "
+                     f"would mix their scores. Pass the same model, or another --out")
 
 
 def _cut_path(out: str) -> str:
