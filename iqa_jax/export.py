@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from iqa_jax import checkpoint
-from iqa_jax.scorer import LoadedModel
+from iqa_jax.data import pp
+from iqa_jax.scorer import VIEWS, LoadedModel
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -328,8 +329,6 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
 def _check_fields(path: Path, cfg: dict) -> None:
   """The fields scoring reads, checked against each other: the pp string must give
   input_size x input_size images (an edited input_size would shift every score)."""
-  from iqa_jax.data import pp
-  from iqa_jax.scorer import VIEWS
   def bad(field: str, why: str):
     raise ExportError(f"{path}: field {field!r} {why}; export the model again")
   for field, kind in (("pp", str), ("input_size", int), ("model", dict),
