@@ -139,7 +139,9 @@ def check_out(out: str, inputs: Sequence[str] = (), what: str = "--out",
   """A CSV is written only to a new path or over a CSV score wrote (our exact header and our
   sidecar): an image, a keep.txt or a dataset's dmos.csv is refused before anything is read."""
   real = os.path.realpath(out)
-  clash = next((p for p in inputs if os.path.realpath(p) == real), None)
+  name = os.path.basename(real)  # realpath only where it can match: inputs may be 100k paths
+  clash = next((p for p in inputs if (os.path.basename(p) == name or os.path.islink(p))
+                and os.path.realpath(p) == real), None)
   if clash is not None:
     raise UsageError(f"{what} {out} is one of the {role} ({clash}); pass another {what}")
   if not os.path.lexists(out):
