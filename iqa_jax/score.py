@@ -484,7 +484,8 @@ def main(argv=None) -> int:
         + (f", kept {summary['kept']}, rescored {summary['rescored']}" if a.resume else "")
         + f" -> {a.out}")
   if summary["failed"]:
-    print(f"{summary['failed']} input(s) could not be scored; see the 'error' column of {a.out}",
+    print(f"{summary['failed']} input(s) could not be scored; see the 'error' column of {a.out}"
+          f"; fix or remove those files, then the same command with --resume scores only them",
           file=sys.stderr)
     return 1 if a.fail_on_error else 0
   return 0
