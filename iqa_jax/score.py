@@ -159,13 +159,14 @@ def check_out(out: str, inputs: Sequence[str] = (), what: str = "--out",
                      f"(or wrote it before sidecars); pass another {what}, or delete it yourself")
 
 
-def check_sidecar_matches(side: str, old: dict, new: dict, fields: Sequence[str],
-                          fix: str) -> None:
+def check_sidecar_matches(side: str, old: dict, new: dict, fields: Sequence[str], fix: str,
+                          new_name: str = "this command's") -> None:
   """Names the first field in which `old` (read from `side`) differs from `new`."""
+  missing = "(not recorded)"
   for field in fields:
-    if old.get(field, "(not recorded)") != new.get(field):
-      raise UsageError(f"{side}: field {field!r} is {old.get(field, '(not recorded)')!r}, this "
-                       f"command's is {new.get(field)!r}; {fix}")
+    if old.get(field, missing) != new.get(field, missing):
+      raise UsageError(f"{side}: field {field!r} is {old.get(field, missing)!r}, {new_name} is "
+                       f"{new.get(field, missing)!r}; {fix}")
 
 
 def load_run(workdir: str, which: str = "best") -> LoadedModel:
@@ -388,10 +389,10 @@ def merge_parts(out: str, parts: Sequence[str]) -> int:
     metas.append(found[1])
   n = metas[0]["of"]
   fields = [f for f in ("model", "view", "crops", "of", "inputs", "inputs_sha256")
-            if f in metas[0]]
+            if any(f in m for m in metas)]  # an older part records fewer: compare what any has
   for part, m in zip(parts[1:], metas[1:], strict=True):
     check_sidecar_matches(read_sidecar(part)[0], m, metas[0], fields,
-                          f"{parts[0]} differs; merge parts of one `score --shard` job only")
+                          "merge parts of one `score --shard` job only", f"{parts[0]}'s")
   got = sorted(m["shard"] for m in metas)
   if got != list(range(n)):
     missing = sorted(set(range(n)) - set(got))

@@ -181,6 +181,14 @@ def test_older_shard_sidecars_are_read_and_damaged_ones_refused(models, val_path
   side.write_text("[1, 2]")
   assert _main("merge", tmp_path / "m.csv", *parts) == 2
   assert "holds a JSON list" in _one_line(capsys)
+  # A part scored anew (its older sidecar goes) beside an older part: 'model' differs.
+  side.write_text(json.dumps({**meta, "inputs": 7}))
+  assert _score(a, parts[1], "--shard", "1/2", *val_paths) == 0
+  assert not side.exists() and (tmp_path / "part1.csv.meta.json").exists()
+  capsys.readouterr()
+  assert _main("merge", tmp_path / "m.csv", *parts) == 2
+  err = _one_line(capsys)
+  assert "part1.csv.meta.json: field 'model'" in err and "is '(not recorded)'" in err, err
 
 
 def test_empty_shard_and_which_for_an_export_are_refused(models, val_paths, tmp_path, capsys):
