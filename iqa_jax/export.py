@@ -7,6 +7,8 @@ MODEL_DIR holds `model.safetensors` (backbone and head; each LoRA update folded 
 weight, W + (alpha/r) A B, unless --no-merge-lora), `config.json` (architecture, head,
 preprocessing, test-time view, MOS scale, format version) and a model card `README.md`.
 Loading it (`Scorer.from_pretrained(MODEL_DIR)`) needs neither the base checkpoint nor torch.
+MODEL_DIR must be new, empty, or an earlier export (config.json's written_by); anything else is
+refused before the run is read.
 """
 from __future__ import annotations
 

@@ -432,7 +432,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def _merge_main(argv) -> int:
   ap = _OneLineParser(prog="python -m iqa_jax.score merge",
                       description="Join the CSVs of `score --shard K/N` runs.")
-  ap.add_argument("out", help="merged CSV to write")
+  ap.add_argument("out", help="merged CSV to write: a new path or a CSV score wrote")
   ap.add_argument("parts", nargs="+", help="the N part CSVs")
   a = ap.parse_args(argv)
   try:
@@ -454,7 +454,8 @@ def main(argv=None) -> int:
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="run folder made by iqa_jax.train")
   src.add_argument("--model", help="model folder made by iqa_jax.export")
-  ap.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
+  ap.add_argument("--out", default="scores.csv",
+                  help="CSV to write: a new path or a CSV score wrote (default scores.csv)")
   ap.add_argument("--which", default=None, choices=("best", "last"),
                   help="a run folder's checkpoint (default best); refused for an exported model")
   ap.add_argument("--batch-size", type=int, default=32)
