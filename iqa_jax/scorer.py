@@ -301,14 +301,14 @@ def _head(path: Path) -> str:
 
 def model_fingerprint(loaded: LoadedModel) -> str:
   """What makes the scores: the head's weights (trained in every run), every tensor's name,
-  shape and dtype, the pp string, input size and MOS scale. Cheap: the head is ~1 MB."""
+  shape and dtype, the pp string, input size and MOS scale. Cheap: the head of a 1152-d tower
+  is 3.4 MB, hashed in milliseconds."""
   import jax
   h = hashlib.sha256()
   h.update(repr((loaded.pp_str, loaded.input_size, tuple(loaded.mos_scale))).encode())
   leaves = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
   for path, leaf in sorted(((jax.tree_util.keystr(p), x) for p, x in leaves), key=lambda t: t[0]):
-    x = np.asarray(leaf)
-    h.update(f"{path}{x.shape}{x.dtype}".encode())
+    h.update(f"{path}{tuple(leaf.shape)}{leaf.dtype}".encode())  # no copy of the backbone
     if path.startswith("['head']"):
-      h.update(np.ascontiguousarray(x).tobytes())
+      h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()[:16]
