@@ -178,7 +178,7 @@ def test_scores_page_samples_with_counts_and_lists_failed_rows(tiny_demo_dir, tm
   assert summary["counts"] == hist_counts.tolist() and sum(summary["counts"]) == 60
   assert text.count('class="bin"') == 20
   assert [(r[0][1], r[1][1]) for r in page.tables["failed"]] == list(failed.items())
-  assert "model-missing" in page.ids  # written by hand: no OUT.model.json beside it
+  assert "model-missing" in page.ids  # written by hand: no OUT.meta.json beside it
   monkeypatch.setattr(gallery, "FAILED_ROWS", 1)  # more failed rows than a page lists: said so
   page = Page(gallery.scores_page(str(out), top=5, sample=10)[0])
   assert len(page.tables["failed"]) == 1 and "failed-sampled" in page.ids
@@ -312,21 +312,24 @@ def test_gradcam_overlays_are_explains_gradcam_of_each_image(trained_run):
 
 
 def test_score_records_its_model_and_the_scores_page_shows_it(trained_run, tmp_path):
-  """OUT.model.json beside the CSV; --resume with another view is refused before any row."""
+  """The sidecar beside the CSV names the model; the page shows it; --resume with another view
+  is refused before any row."""
   from iqa_jax import score
   config, workdir, _ = trained_run
   paths = [r.path for r in datasets.load_splits(str(workdir))["val"][:3]]
   out = str(tmp_path / "s.csv")
   score.score_paths(str(workdir), paths, out, batch_size=4, progress=False)
-  record = json.loads(Path(out + ".model.json").read_text())
-  assert record["model"] == str(Path(workdir).resolve()) and record["kind"] == "run"
-  assert (record["head"], record["dataset"], record["view"]) == (config.model.head, "demo",
-                                                                  config.data.test_view)
+  meta = json.loads(Path(out + ".meta.json").read_text())
+  about = meta["about"]
+  assert about["path"] == str(Path(workdir).resolve()) and about["kind"] == "run"
+  assert (about["head"], about["dataset"], meta["view"]) == (config.model.head, "demo",
+                                                              config.data.test_view)
   shown = {r[0][1]: r[1][1] for r in Page(gallery.scores_page(out, top=1)[0]).tables["model"]}
-  assert shown["head"] == config.model.head and shown["model"] == record["model"]
+  assert shown["head"] == config.model.head and shown["model"] == about["path"]
+  assert shown["fingerprint"] == meta["model"]
   before = Path(out).read_text()
   other = "resize" if config.data.test_view == "crops" else "crops"
-  with pytest.raises(score.UsageError, match="scored by another model"):
+  with pytest.raises(score.UsageError, match="view"):
     score.score_paths(str(workdir), paths, out, batch_size=4, progress=False, resume=True,
                       view=other)
   assert Path(out).read_text() == before

@@ -8,7 +8,7 @@ MOS (val_predictions.csv, the best epoch) with SRCC/PLCC and the fitted VQEG log
 largest over- and under-predictions as thumbnails (with Grad-CAM overlays of the score with
 --gradcam), and the error per group where the dataset has groups (KADID distortion and level, the
 demo's distortion and level, AGIQA's generator). A score CSV's page: the model that made it (its
-OUT.model.json record), a histogram of every score, the top and bottom N and an even sample in
+OUT.meta.json sidecar), a histogram of every score, the top and bottom N and an even sample in
 between as thumbnails, and the failed rows with their errors.
 Thumbnails are PNG (lossless: the page adds no artifacts to images judged for quality) inside the
 file; tables sort on a header click and filter by text, in plain JavaScript; nothing is fetched.
@@ -437,14 +437,19 @@ def run_page(workdir: str, top: int = 12, gradcam: bool = False, thumb: int = 12
 # ------------------------------------------------------------------------------ scores page
 
 def model_record(scores: str) -> dict | None:
-  """What score.py recorded beside the CSV (OUT.model.json), or None."""
-  f = Path(scores + ".model.json")
-  if not f.exists():
-    return None
+  """What score recorded beside the CSV (its OUT.meta.json sidecar), flat for the page; or None."""
+  from iqa_jax.score import UsageError, read_sidecar
   try:
-    return json.loads(f.read_text())
-  except json.JSONDecodeError as e:
-    raise GalleryError(f"{f} is not valid JSON ({e}); delete it or score again") from None
+    found = read_sidecar(scores)
+  except UsageError as e:
+    raise GalleryError(str(e)) from None
+  if found is None or "model" not in found[1]:  # none, or an older shard's .shard.json
+    return None
+  meta = found[1]
+  about = meta.get("about") or {}
+  return {"model": about.get("path", meta["model_source"]), "fingerprint": meta["model"],
+          **{k: v for k, v in about.items() if k != "path"}, "view": meta["view"],
+          "crops": meta["crops"]}
 
 
 def pick_shown(n: int, top: int, sample: int) -> list[tuple[int, str]]:
@@ -479,9 +484,9 @@ def scores_page(scores: str, top: int = 12, sample: int = 48, thumb: int = 128,
     body.append("<h2>Model</h2>" + key_table("model", [(k, v) for k, v in record.items()
                                                         if not isinstance(v, dict)]))
   else:
-    body.append(f'<p class="note" id="model-missing">{esc(scores)}.model.json not found: the '
+    body.append(f'<p class="note" id="model-missing">{esc(scores)}.meta.json not found: the '
                 "model that made this CSV is not recorded (a CSV from before iqa_jax recorded "
-                "it, or a merge of parts).</p>")
+                "it).</p>")
   if cut:
     body.append('<p class="note">The last line of the CSV was cut (an unfinished score run); '
                 "it is left out.</p>")
