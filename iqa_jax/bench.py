@@ -62,7 +62,7 @@ TINY_MODEL = {
 }
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
-TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
+TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0, "lora_full": 3.0}
 
 
 def apply_override(config, item: str) -> None:
