@@ -168,8 +168,8 @@ def fold_lora(tensors: dict[str, np.ndarray], adapter: dict[str, np.ndarray], sc
     w, a, b = out[weight], ab["A"], ab["B"]
     if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
       raise OfficialCheckpointError(
-          f"{where}: LoRA on {module!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
-          f"weight is {tuple(w.shape)}: pass the --base it was trained on")
+          f"{where}: LoRA on {module!r} (A {tuple(a.shape)}, B {tuple(b.shape)}) does not fit "
+          f"the base weight {tuple(w.shape)}: pass the --base it was trained on")
     out[weight] = (w.astype(np.float64) + scale * (b.astype(np.float64) @ a)).astype(np.float32)
   return out, dropped
 
@@ -214,8 +214,6 @@ def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
   rank, alpha = int(adapter_cfg["r"]), float(adapter_cfg["lora_alpha"])
   scale = alpha / np.sqrt(rank) if adapter_cfg.get("use_rslora") else alpha / rank
   tensors, dropped = fold_lora(tensors, adapter, scale, ckpt / ADAPTER_WEIGHTS)
-  log(f"{ckpt / ADAPTER_WEIGHTS}: {len(adapter) - dropped} vision LoRA tensors folded in, "
-      f"{dropped} text-tower tensors ignored (scoring uses the image tower only)")
   cfg = siglip.SiglipConfig.from_hf(hf_config)
   head_name, hidden, head = head_params(state, cfg.hidden_size, ckpt / HEAD_FILE)
 
@@ -251,6 +249,8 @@ def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
     import jax.numpy as jnp
     flat = {k: v.astype(jnp.bfloat16) if k.startswith("backbone.") else v
             for k, v in flat.items()}
+  log(f"{ckpt / ADAPTER_WEIGHTS}: {len(adapter) - dropped} vision LoRA tensors folded in, "
+      f"{dropped} text-tower tensors ignored (scoring uses the image tower only)")
   export._write_folder(out_dir, flat, exported, model_card(ckpt, base, exported, dropped))
   return out_dir
 
