@@ -1,7 +1,7 @@
 """Convert another code base's checkpoint into an exported model folder (the iqa_jax.export format):
 
 python -m iqa_jax.convert official --checkpoint DIR [--base FOLDER_OR_HUB_ID] --out MODEL_DIR
-                                   [--dtype float32|bfloat16]
+                                   [--resume-state FILE] [--dtype float32|bfloat16]
 
 `official`: a folder saved by the paper's official train.py (drkkgy/NR_IQA_AGM: peft's
 adapter_config.json + adapter_model.safetensors, and mlp.pt). The base is --base, else the
@@ -31,11 +31,15 @@ def main(argv=None) -> int:
   o.add_argument("--base", default=None, help="SiglipModel folder or cached hub id (default: "
                  "the adapter's base_model_name_or_path)")
   o.add_argument("--out", required=True, help="folder to write (replaced if an earlier export)")
+  o.add_argument("--resume-state", default=None,
+                 help="the official resume_state/<stage>_latest.pt: its trained backbone, LoRA "
+                 "and head (last epoch) replace the folder's")
   o.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="backbone weights' dtype (head and gates stay float32)")
   a = ap.parse_args(argv)
   try:
     out = official.convert_official(a.checkpoint, a.out, base=a.base, dtype=a.dtype,
+                                    resume_state=a.resume_state,
                                     log=lambda msg: print(msg, file=sys.stderr))
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

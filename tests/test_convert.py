@@ -111,6 +111,36 @@ def test_base_resolved_from_the_hf_cache_by_the_recorded_id(official, tmp_path, 
   np.testing.assert_allclose(Scorer.from_pretrained(out)(photos()), want, rtol=0, atol=1e-4)
 
 
+def test_resume_state_carries_the_trained_backbone(official, tmp_path, capsys):
+  """train.py trains every weight but saves only the adapter; its resume_state/*.pt holds the
+  PeftModel's whole state_dict (base_layer weights, lora_A.default, ...) and the head. Converted
+  with --resume-state, the scores equal that trained model's official eval path (measured
+  7.5e-8 on scores of 0.1-0.3, tolerance 1e-4 as issue 22 sets)."""
+  base, ckpt, _ = official
+  torch.manual_seed(1)
+  model = peft.get_peft_model(transformers.SiglipModel.from_pretrained(base),
+                              peft.LoraConfig(**OFFICIAL_LORA))
+  with torch.no_grad():  # "training": LoRA and every vision weight move
+    for name, p in model.named_parameters():
+      p.add_((0.3 if "lora_" in name else 0.02) * torch.randn_like(p))
+  model.eval()
+  head = TorchAGMHead(VISION["hidden_size"], 16).eval()
+  perturb_gates(head, seed=1)
+  state = tmp_path / "AGM_seed8_latest.pt"
+  torch.save({"epoch": 15, "global_step": 30, "model_state_dict": model.state_dict(),
+              "mlp_state_dict": head.state_dict(), "best_SRCC": 0.5}, state)
+  processor = transformers.SiglipImageProcessor.from_pretrained(base)
+  with torch.no_grad():
+    pixels = processor(images=photos(), return_tensors="pt")["pixel_values"]
+    feature = model.get_image_features(pixel_values=pixels)
+    feature = feature if torch.is_tensor(feature) else feature.pooler_output
+    want = head(feature)[:, 0].numpy()
+  out = tmp_path / "model"
+  assert run_cli("--checkpoint", ckpt, "--base", base, "--resume-state", state, "--out", out) == 0
+  assert "the trained backbone" in capsys.readouterr().err
+  np.testing.assert_allclose(Scorer.from_pretrained(out)(photos()), want, rtol=0, atol=1e-4)
+
+
 def _copy(ckpt, tmp_path):
   dst = tmp_path / "ckpt"
   shutil.copytree(ckpt, dst)

@@ -43,6 +43,9 @@ RELU_HEAD = [(f"fc{i}/{leaf}", f"adapter.{2 * (i - 1)}.{t}", t == "weight")
 HEADS = {"agm": AGM_HEAD, "relu": RELU_HEAD}
 
 
+PRETRAINED_BACKBONE = "the pretrained base (the official adapter folder holds LoRA only)"
+
+
 class OfficialCheckpointError(ValueError):
   """An official checkpoint that cannot be converted; the message names the file and the fix."""
 
@@ -104,6 +107,47 @@ def read_head_state(ckpt: Path) -> dict[str, np.ndarray]:
     raise OfficialCheckpointError(f"{path} does not hold a state_dict of tensors; save it with "
                                   f"torch.save(mlp.state_dict(), ...)")
   return {k.removeprefix("module."): v.detach().float().cpu().numpy() for k, v in state.items()}
+
+
+def read_resume_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """resume_state/<stage>_latest.pt of the official train.py (torch.save of a dict, the last
+  epoch) -> (the PeftModel's whole state_dict, the head's), float32 numpy. The only file the
+  official code writes that holds the trained backbone."""
+  if not path.is_file():
+    raise OfficialCheckpointError(f"--resume-state {path} not found: the official train.py "
+                                  f"writes resume_state/<stage_name>_latest.pt")
+  try:
+    import torch
+  except ImportError:
+    raise OfficialCheckpointError(f"{path} is a torch pickle and reading it needs torch: "
+                                  f"pip install torch") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
+    raise OfficialCheckpointError(f"{path} cannot be read with weights_only=True ("
+                                  f"{type(e).__name__}); pass the official resume_state "
+                                  f"file") from None
+  if not isinstance(state, dict) or not {"model_state_dict", "mlp_state_dict"} <= state.keys():
+    raise OfficialCheckpointError(f"{path} has no model_state_dict and mlp_state_dict: not a "
+                                  f"resume_state file of the official train.py")
+
+  def numpy(sd):
+    return {k.removeprefix("module."): v.detach().float().cpu().numpy() for k, v in sd.items()}
+  return numpy(state["model_state_dict"]), numpy(state["mlp_state_dict"])
+
+
+def split_peft_state(state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """A PeftModel state_dict -> (base tensors under HF names, LoRA factors under the names
+  save_pretrained gives them)."""
+  base, adapter = {}, {}
+  for key, value in state.items():
+    key = key.removeprefix(PEFT_PREFIX)
+    if ".lora_A." in key or ".lora_B." in key:
+      key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)
+      adapter[PEFT_PREFIX + key] = value
+    else:
+      base[key.replace(".base_layer.", ".")] = value
+  return base, adapter
 
 
 def head_params(state: dict[str, np.ndarray], feature_dim: int, where: Path
@@ -190,9 +234,12 @@ def read_base(base: str, where: str) -> tuple[Path, dict, dict[str, np.ndarray]]
 
 
 def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
-                     dtype: str = "float32", log: Callable[[str], None] = print) -> Path:
+                     dtype: str = "float32", resume_state: str | None = None,
+                     log: Callable[[str], None] = print) -> Path:
   """Writes the exported model folder `out` from an official checkpoint folder; returns `out`.
-  Everything is read and checked before anything is written."""
+  resume_state: the official resume_state/*.pt, whose backbone (trained, train.py trains every
+  weight), LoRA and head replace the folder's. Everything is checked before anything is written.
+  """
   if dtype not in ("float32", "bfloat16"):
     raise OfficialCheckpointError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   ckpt, out_dir = Path(checkpoint_dir), Path(out)
@@ -204,13 +251,23 @@ def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
     raise OfficialCheckpointError(f"--out {out_dir} exists and is not an exported model folder; "
                                   f"remove it or pass another --out")
   adapter_cfg, adapter = read_adapter(ckpt)
-  state = read_head_state(ckpt)
+  if resume_state:
+    trained, state = read_resume_state(Path(resume_state))
+    trained, adapter = split_peft_state(trained)
+  else:
+    state = read_head_state(ckpt)
   where = "--base" if base else f"base_model_name_or_path of {ckpt / ADAPTER_CONFIG}"
   base = base or adapter_cfg.get("base_model_name_or_path")
   if not base:
     raise OfficialCheckpointError(f"{ckpt / ADAPTER_CONFIG} names no base_model_name_or_path: "
                                   f"pass --base FOLDER_OR_HUB_ID")
   folder, hf_config, tensors = read_base(base, where)
+  if resume_state:
+    unknown = sorted(k for k in trained if k not in tensors)
+    if unknown:
+      raise OfficialCheckpointError(f"{resume_state}: tensor {unknown[0]!r} is not in the base "
+                                    f"{folder}; pass the --base it was trained on")
+    tensors.update(trained)
   rank, alpha = int(adapter_cfg["r"]), float(adapter_cfg["lora_alpha"])
   scale = alpha / np.sqrt(rank) if adapter_cfg.get("use_rslora") else alpha / rank
   tensors, dropped = fold_lora(tensors, adapter, scale, ckpt / ADAPTER_WEIGHTS)
@@ -233,7 +290,8 @@ def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
       "lora": {"merged": True, "rank": rank, "alpha": alpha},
       "weights_dtype": dtype,
       "source": {"official_checkpoint": str(ckpt.resolve()), "base_checkpoint": str(base),
-                 "base_folder": str(folder.resolve())},
+                 "base_folder": str(folder.resolve()),
+                 "resume_state": str(Path(resume_state).resolve()) if resume_state else None},
   }
   params = {"backbone": tower.in_layout(siglip.hf_params(tensors), True, "encoder_layers"),
             "head": head}
@@ -249,8 +307,16 @@ def convert_official(checkpoint_dir: str, out: str, *, base: str | None = None,
     import jax.numpy as jnp
     flat = {k: v.astype(jnp.bfloat16) if k.startswith("backbone.") else v
             for k, v in flat.items()}
-  log(f"{ckpt / ADAPTER_WEIGHTS}: {len(adapter) - dropped} vision LoRA tensors folded in, "
+  source = resume_state or ckpt / ADAPTER_WEIGHTS
+  log(f"{source}: {len(adapter) - dropped} vision LoRA tensors folded in, "
       f"{dropped} text-tower tensors ignored (scoring uses the image tower only)")
+  if resume_state:
+    log(f"{resume_state}: the trained backbone ({len(trained)} tensors) and head of its last "
+        f"epoch replace the base's weights")
+  else:
+    log("note: the official train.py trains every backbone weight, but the adapter folder "
+        "holds LoRA only: this model is the pretrained base + LoRA + head; --resume-state "
+        "resume_state/<stage>_latest.pt carries the trained backbone (last epoch)")
   export._write_folder(out_dir, flat, exported, model_card(ckpt, base, exported, dropped))
   return out_dir
 
@@ -264,6 +330,7 @@ def model_card(ckpt: Path, base: str, exported: dict, dropped: int) -> str:
       "", "| field | value |", "|---|---|",
       f"| official checkpoint | {ckpt.resolve()} |",
       f"| base checkpoint | {base} |",
+      f"| backbone weights | {exported['source']['resume_state'] or PRETRAINED_BACKBONE} |",
       f"| LoRA | rank {lora['rank']}, alpha {lora['alpha']:g}, vision q/k merged into the "
       f"weights; {dropped} text-tower tensors dropped |",
       f"| head | {exported['model']['head']} (official MLP3_Gated or mlp_3_layer), width "
