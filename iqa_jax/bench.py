@@ -65,7 +65,7 @@ TINY_MODEL = {
 }
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
-TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
+TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0, "lora_full": 3.0}
 # What the CPU anchor (torch_cpu_reference.py) needs to build the same SigLIP tower.
 SIGLIP_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "patch_size")

@@ -28,6 +28,7 @@ import numpy as np
 
 from iqa_jax import checkpoint
 from iqa_jax.data import pp
+from iqa_jax.models.lora import LORA_MODES
 from iqa_jax.scorer import VIEWS, LoadedModel
 
 FORMAT_VERSION = 1
@@ -135,7 +136,7 @@ def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "flo
   loaded = load_run(workdir, which)
   config = loaded.info["config"]
   lora = dict(config["model"].get("lora") or {})
-  has_lora = config["model"].get("finetune") == "lora"
+  has_lora = config["model"].get("finetune") in LORA_MODES
   merged = merge and has_lora
   params = jax.device_get(loaded.params)
   if merged:

@@ -24,7 +24,7 @@ from iqa_jax.run_folder import read_jsonl
 
 TABLES = ("1", "2", "S2", "3", "S4", "6")
 ACT_NAMES = {"lrelu": "LReLU", "relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "sigmoid": "Sig",
-             "gated": "Gated"}
+             "gated": "Gated", "blend": "GatedBlend", "prelu": "PReLU"}  # the last two: agm
 # Table 3's and Table S2's names of the three heads.
 SHORT_HEAD = {"baseline": "B", "sigmoid": "B_Sig", "gated": "B_Gated"}
 LONG_HEAD = {"baseline": "", "sigmoid": " + Sigmoid", "gated": " + Activation Gating"}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from iqa_jax import checkpoint, run_folder
 from iqa_jax.data import pp
-from iqa_jax.data.records import MOS_SCALES
+from iqa_jax.data.records import mos_scale
 from iqa_jax.scorer import VIEWS, LoadedModel, Scorer, input_size, model_fingerprint
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif"}
@@ -187,7 +187,7 @@ def load_run(workdir: str, which: str = "best") -> LoadedModel:
       model=model, params=params, pp_str=pp.run_pp(config.data, preprocessing),
       input_size=input_size(config, preprocessing),
       view=config.data.get("test_view", "resize"), crops=int(config.data.get("test_crops", 3)),
-      mos_scale=MOS_SCALES.get(config.data.name, (1.0, 0.0)),
+      mos_scale=mos_scale(config.data),
       info={"dataset": config.data.name, "source": str(workdir), "config": config.to_dict(),
             "preprocessing": dict(preprocessing)})
 

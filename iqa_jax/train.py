@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   make_step = functools.partial(
       make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
-      with_grad_norm=config.log_grad_norm,
+      margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
       fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
   eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
   if in_memory(config):

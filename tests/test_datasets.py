@@ -190,6 +190,24 @@ def test_koniq10k(tmp_path):
   assert small[0].path == str(tmp_path / "512x384/10004473376.jpg")
 
 
+def test_koniq10k_official_mos_divisor(tmp_path):
+  """data.options.koniq_mos_divisor=100: the official dataset.py's MOS / 100 on the 1-5 column
+  (3.828571 -> 0.03828571); the run's MOS scale follows, so scores map back to 1-5 MOS."""
+  import ml_collections
+
+  from iqa_jax.data.records import mos_scale
+  make_koniq(tmp_path)
+  recs = _load("koniq10k", tmp_path, koniq_mos_divisor=100.0)
+  np.testing.assert_allclose([r.mos for r in recs], [0.03828571, 0.03479167, 0.03202128])
+  assert recs[0].raw_mos == 3.828571
+  data = ml_collections.ConfigDict({"name": "koniq10k", "options": {"koniq_mos_divisor": 100.0}})
+  assert mos_scale(data) == (100.0, 0.0)
+  data.options.koniq_mos_divisor = 5.0
+  assert mos_scale(data) == (5.0, 0.0)
+  with pytest.raises(ValueError, match="koniq_mos_divisor must be > 0"):
+    _load("koniq10k", tmp_path, koniq_mos_divisor=0.0)
+
+
 def test_kadid10k(tmp_path):
   rows = make_kadid(tmp_path)
   recs = _load("kadid10k", tmp_path)

@@ -262,3 +262,15 @@ def test_evaluate_reads_the_run_source(built, tmp_path):
                                              data_dir=releases["agiqa1k"]))
   assert [r.mos for r in datasets.load_records(d)] == [r.mos for r in files]
   assert data_config_for(run, "clive", "/x", source="files").source == "files"
+
+
+def test_koniq_official_mos_divisor_applies_to_a_build(built):
+  """A build stores App. B's MOS / 5; data.options.koniq_mos_divisor=100 (the official code)
+  rescales its raw MOS as the file source does, instead of silently keeping / 5."""
+  tfds_dir, releases = built
+  from_files = datasets.load_records(_data_config("koniq10k", source="files",
+                                                  data_dir=releases["koniq10k"],
+                                                  koniq_mos_divisor=100.0))
+  from_tfds = datasets.load_records(_data_config("koniq10k", tfds_dir, koniq_mos_divisor=100.0))
+  assert [r.mos for r in from_tfds] == [r.mos for r in from_files]
+  assert from_tfds[0].mos == pytest.approx(3.828571 / 100)

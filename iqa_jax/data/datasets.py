@@ -181,9 +181,11 @@ def number(value: Any) -> float:
     return math.nan
 
 
-def make_record(dataset: str, path: Path, raw_mos: Any, row: str, **extras) -> Record:
-  """Normalises as App. B: (raw - offset) / scale, e.g. KonIQ y/5, KADID (y - 1)/4."""
-  scale, offset = MOS_SCALES[dataset]
+def make_record(dataset: str, path: Path, raw_mos: Any, row: str,
+                scale: tuple[float, float] | None = None, **extras) -> Record:
+  """Normalises as App. B: (raw - offset) / scale, e.g. KonIQ y/5, KADID (y - 1)/4; `scale`
+  (scale, offset) replaces MOS_SCALES[dataset]."""
+  scale, offset = scale or MOS_SCALES[dataset]
   raw = number(raw_mos)
   return Record(str(path), (raw - offset) / scale, raw, {"row": row, **extras})
 

@@ -18,3 +18,13 @@ MOS_SCALES: dict[str, tuple[float, float]] = {
     "clive": (100.0, 0.0), "koniq10k": (5.0, 0.0), "kadid10k": (4.0, 1.0), "flive": (100.0, 0.0),
     "spaq": (100.0, 0.0), "agiqa3k": (5.0, 0.0), "agiqa1k": (5.0, 0.0), "demo": (4.0, 1.0),
 }
+
+
+def mos_scale(data_config) -> tuple[float, float]:
+  """(scale, offset) of config.data: MOS_SCALES, with KonIQ's data.options.koniq_mos_divisor
+  (the official code divides KonIQ's 1-5 MOS by 100)."""
+  scale = MOS_SCALES.get(data_config.name, (1.0, 0.0))
+  if data_config.name == "koniq10k":
+    divisor = (data_config.get("options") or {}).get("koniq_mos_divisor", scale[0])
+    scale = (float(divisor), 0.0)
+  return scale
