@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, tiny_csv_set, zeros_like_init
+from conftest import load_config, require, tiny_csv_set, zeros_like_init
 
 from iqa_jax.models import cleandift, hf_io, lora
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+torch = require("torch")
+transformers = require("transformers")
+diffusers = require("diffusers")
 
 # SD 2.1's structural options, shrunk: linear projections, per-block head counts (diffusers'
 # `attention_head_dim`), a cross-attention width of its own, three cross-attention blocks.
