@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.io
+from conftest import require
 from PIL import Image
 
 from iqa_jax.data import datasets, pipeline
@@ -29,7 +30,7 @@ def _csv(path, header, rows, quote=csv.QUOTE_MINIMAL):
 
 
 def _xlsx(path, header, rows):
-  openpyxl = pytest.importorskip("openpyxl")
+  openpyxl = require("openpyxl")
   path.parent.mkdir(parents=True, exist_ok=True)
   wb = openpyxl.Workbook()
   ws = wb.active

@@ -12,10 +12,11 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from conftest import missing, require
 
-pytest.importorskip("tensorflow_datasets")
+require("tensorflow_datasets", "pip install -e '.[tfds]'")
 if importlib.util.find_spec("tensorflow") is None:  # building needs it (the `tfds` extra)
-  pytest.skip("TensorFlow is not installed: pip install -e '.[tfds]'", allow_module_level=True)
+  missing("TensorFlow is not installed: pip install -e '.[tfds]'")
 
 from test_datasets import (  # noqa: E402  (the official-layout fixture builders, one copy)
     make_agiqa1k,
