@@ -67,7 +67,7 @@ TINY_MODEL = {
 }
 # Useful work of a train step in forwards: the frozen tower needs no backward at all, LoRA needs
 # activation gradients (one more forward's worth), full fine-tuning weight gradients too.
-TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0}
+TRAIN_FORWARDS = {"frozen": 1.0, "lora": 2.0, "full": 3.0, "lora_full": 3.0}
 # What the CPU anchor (torch_cpu_reference.py) needs to build the same SigLIP tower.
 SIGLIP_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "patch_size")
@@ -394,9 +394,9 @@ def main(argv=None) -> int:
   ap.add_argument("--config", default="configs/siglip2_gated.py", help="config file[:arg]")
   ap.add_argument("--batch", type=int, default=32, help="global train batch")
   ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-  ap.add_argument("--infer-batch", type=int, default=64)
+  ap.add_argument("--infer-batch", type=int, default=64, help="inference batch")
   ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
   ap.add_argument("--tiny", action="store_true", help="the anchors' tiny tower, for CPUs")
   ap.add_argument("--flops-only", action="store_true",
                   help="trace the steps and print XLA's FLOP count; no compile, no timing")

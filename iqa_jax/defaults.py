@@ -1,6 +1,8 @@
 """The paper's training recipe as one base config; files in configs/ change only what differs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
 
@@ -14,9 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init = "google/siglip2-so400m-patch16-512"  # local folder or cached hub id; None: random
   c.model.variant = "so400m/16@512"  # architecture when init is None ...
   c.model.arch = ml_collections.ConfigDict()  # ... with these fields overridden (tiny towers)
-  c.model.head = "gated"  # baseline | sigmoid | gated | "act1,act2"
+  c.model.head = "gated"  # baseline | sigmoid | gated | agm | relu | "act1,act2"
   c.model.head_hidden = 512
-  c.model.finetune = "lora"  # frozen | lora | full
+  c.model.finetune = "lora"  # frozen | lora | full | lora_full (LoRA + every backbone weight)
   c.model.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 8.0, "dropout": 0.05})  # §3.1
   c.model.dtype = "bfloat16"  # backbone compute; head, LoRA and gates stay float32 (App. B.1)
   c.model.remat = "nothing"  # none | nothing | dots | everything (per encoder block)
@@ -57,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       "image_dir": "",  # override an adapter's image folder
       "drop_practice": True,  # CLIVE: drop the 7 practice images
       "distortions": "",  # demo: a subset of distortion types, e.g. "gaussian_blur,jpeg"
+      "koniq_mos_divisor": 5.0,  # KonIQ-10k: mos = MOS / this (App. B; the official code: 100)
   })
 
   c.optim = ml_collections.ConfigDict()
@@ -75,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.margin_lambda = 0.25  # Eq. 1
   c.loss.margin_weight = 1.0
+  # eq1 (Eq. 1) | official (util.margin_loss of the official code: std with ddof 0, tied pairs
+  # skipped) | official_swapped (that function as its train.py calls it, margin_loss(pred, mos)).
+  c.loss.margin_form = "eq1"
 
   c.eval_batch_size = 32
   c.log_grad_norm = False
@@ -143,3 +149,9 @@ def flag_error(e: Exception) -> str:
   the one that says what is wrong (e.g. the unknown config argument)."""
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return lines[-1] if lines else type(e).__name__
+
+
+def help_requested(argv: Sequence[str]) -> bool:
+  """-h, --help or --helpfull among the arguments: the absl CLIs print their flags and exit 0
+  (absl's own --help exits 1)."""
+  return bool({"-h", "--help", "--helpfull"} & set(argv))

@@ -1,5 +1,6 @@
 """The embedded demo, end to end: build the set, train, print the table, export the model to
-WORKDIR/model (self-contained) and score the validation images with it into a CSV.
+WORKDIR/model (self-contained), score the validation images with it into a CSV, and write two
+HTML pages to look at them (WORKDIR/gallery.html: the run; WORKDIR/val_scores.html: the CSV).
 
 python -m iqa_jax.demo [--workdir checkpoints/demo] [--config-arg head=sigmoid]
 """
@@ -17,13 +18,17 @@ import numpy as np
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m iqa_jax.demo", description=__doc__)
-  ap.add_argument("--workdir", default="checkpoints/demo")
-  ap.add_argument("--data-dir", default="demo_data")
-  ap.add_argument("--config-arg", default="", help="e.g. head=sigmoid,epochs=8")
+  ap.add_argument("--workdir", default="checkpoints/demo",
+                  help="run folder (the export goes to WORKDIR/model)")
+  ap.add_argument("--data-dir", "--data_dir", dest="data_dir", default="demo_data",
+                  help="folder of the demo set; built there when it holds none")
+  ap.add_argument("--config-arg", "--config_arg", dest="config_arg", default="",
+                  help="configs/demo.py arguments, e.g. head=sigmoid,epochs=8")
   a = ap.parse_args(argv)
   t0 = time.time()
 
   from iqa_jax import metrics
+  from iqa_jax.analysis import gallery
   from iqa_jax.data import demo
   from iqa_jax.defaults import load_config_file
   from iqa_jax.inference import exported as export
@@ -53,6 +58,10 @@ def main(argv=None) -> int:
   m = metrics.compute_metrics(pred, [mos[r["path"]] for r in rows])
   print(f"scored {summary['scored']} validation images -> {out} "
         f"(SRCC {m['srcc']:.4f}, PLCC {m['plcc']:.4f})")
+  # The validation set to look at: the run's errors and the CSV's scores, one page each.
+  for page, (html, _) in (("gallery.html", gallery.run_page(a.workdir, gradcam=True)),
+                          ("val_scores.html", gallery.scores_page(out))):
+    print(f"gallery: {gallery.write_page(html, str(Path(a.workdir) / page))}")
   print(f"demo wall time: {time.time() - t0:.1f} s")
   return 0
 

@@ -28,7 +28,7 @@ import ml_collections
 
 from iqa_jax import parallel
 from iqa_jax.data import datasets
-from iqa_jax.defaults import flag_error
+from iqa_jax.defaults import flag_error, help_requested
 from iqa_jax.models.head import resolve_head
 from iqa_jax.runs import folder as run_folder
 from iqa_jax.training import features
@@ -213,6 +213,8 @@ def collect_results(out: str | Path) -> list[dict]:
                 "wall_s"):
       if key in results:
         row[key] = results[key]
+    if (workdir / run_folder.CONFIG).exists():  # the ablation tables read a run's settings here
+      row["config"] = run_folder.read_json(workdir / run_folder.CONFIG)
     rows.append(row)
     for cross_file in sorted(workdir.glob("cross/*/result.json")):
       rows.append({**run_folder.read_json(cross_file), "workdir": row["workdir"]})
@@ -313,7 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flag_values=fv)
   flags.DEFINE_string("compile_cache", "", "XLA cache folder (default OUT/jax_cache; 'none': off)",
                       flag_values=fv)
-  if {"-h", "--help", "--helpfull"} & set(argv):
+  for old, alias in (("data_root", "data-root"), ("data_dir", "data-dir"),
+                     ("retry_failed", "retry-failed"), ("compile_cache", "compile-cache")):
+    flags.DEFINE_alias(alias, old, flag_values=fv)
+  if help_requested(argv):
     print(__doc__ + "\n" + fv.get_help())
     return 0
   try:

@@ -5,7 +5,25 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def missing(message: str):
+  """Skips the test (or module) for a missing reference package; under CI (the CI environment
+  variable set, as .ci/run does) it fails instead, so a broken install step cannot pass."""
+  if os.environ.get("CI"):
+    pytest.fail(f"{message} (CI is set: every reference must be installed)", pytrace=False)
+  pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str, install: str = "pip install -e '.[test]'"):
+  """`module` imported, or `missing` with the command that installs it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    missing(f"{module} is not installed ({e}): {install}")
 
 
 def compile_cache(folder):
@@ -52,8 +70,8 @@ TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory):
   """A random transformers.SiglipVisionModel saved with save_pretrained, plus its preprocessor."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = require("torch")
+  transformers = require("transformers")
   torch.manual_seed(0)
   model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY_SIGLIP)).eval()
   # Random init leaves some tensors at zero or one; perturb all so every weight is exercised.

@@ -164,8 +164,62 @@ def test_table_s1_rows_per_finetune_mode_and_bold_the_better_of_frozen_and_lora(
   assert t.bold == {(1, 2), (0, 3)}  # full FT is shown but not in the frozen-vs-LoRA bolding
 
 
-# Each case trains and compiles two tiny runs; S5 (two PE towers) is the slower one.
-@pytest.mark.parametrize("figure", ["S4", pytest.param("S5", marks=pytest.mark.slow)])
+def _sweep_config(figure, value, data_dir):
+  """The tiny demo config of one sweep point: LoRA rank `value`, or PE tapped at block `value`."""
+  c = tiny_demo_config(data_dir, **{"optim.epochs": 1})
+  if figure == "S4":
+    c.model.finetune = "lora"
+    c.model.lora.rank = value
+  else:
+    c.model.update(backbone="pe", variant="vit_pe_core_tiny_patch16_384", tap_layer=value)
+    c.model.arch = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8,
+                        img_size=32, num_classes=0, ref_feat_shape=(4, 4), attn_pool_num_heads=2)
+  return c
+
+
+@pytest.mark.parametrize("figure", ["S4", "S5"])
+def test_sweep_table_reads_each_run_folder(figure, tiny_demo_dir, tmp_path, capsys):
+  """Run folders as the run matrix leaves them (run.json, config.json from the sweep's config,
+  results.json, history.jsonl; results.jsonl by experiments.write_results), without training:
+  the table behind the figure holds each run's best SRCC / PLCC, the x of a tap of -1 is its
+  block number, and Δ is the change from rank 4 / the deepest tap."""
+  import csv
+  import json
+
+  from iqa_jax import analyses, experiments, report
+  settings = [2, 4] if figure == "S4" else [0, -1]
+  results, want = [], []
+  for i, value in enumerate(settings):
+    config = _sweep_config(figure, value, tiny_demo_dir)
+    out = tmp_path / f"sweep{value}"
+    run = out / "runs/demo/gated/seed8"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (run / "run.json").write_text(json.dumps({
+        "dataset": "demo", "data_name": "demo", "head": "gated", "seed": 8,
+        "model": experiments.model_label(config), "backbone": config.model.backbone,
+        "finetune": config.model.finetune}))
+    best = {"epoch": 0, "srcc": 0.5 + 0.1 * i, "plcc": 0.45 + 0.2 * i}
+    (run / "results.json").write_text(json.dumps({"status": "done", "best": best}))
+    (run / "history.jsonl").write_text(json.dumps({"epoch": 0, "val": best}) + "\n")
+    results.append(experiments.write_results(out))
+    want.append((str(value if value >= 0 else 1), best["srcc"], best["plcc"]))
+  assert report.main([str(r) for r in results] + ["--figure", figure]) == 0
+  assert f"png: {results[0].parent / 'tables' / f'figure{figure}.png'}" in capsys.readouterr().out
+  with open(results[0].parent / "tables" / f"figure{figure}.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r[analyses.SWEEP_AXIS[figure]] for r in table] == [x for x, _, _ in want]
+  for row, (_, srcc, plcc) in zip(table, want, strict=True):
+    assert (float(row["SRCC"]), float(row["PLCC"])) == pytest.approx((srcc, plcc), abs=1e-9)
+    assert row["Δ from"] == want[1][0] and row["Seeds"] == "1" and row["SRCC std"] == ""
+    assert float(row["Δ SRCC"]) == pytest.approx(srcc - want[1][1], abs=1e-9)
+    assert float(row["Δ PLCC"]) == pytest.approx(plcc - want[1][2], abs=1e-9)
+
+
+# Each case trains and compiles two tiny runs (14-16 s on 2 busy cores); the test above checks
+# the same table on run folders written without training.
+@pytest.mark.slow
+@pytest.mark.parametrize("figure", ["S4", "S5"])
 def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, capsys):
   """Two real one-epoch runs per sweep through the run matrix (LoRA rank 2 and 4; PE tapped at
   blocks 0 and 1 of 2, the second as tap -1): the report's table behind the figure holds each
@@ -180,14 +234,7 @@ def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, 
   settings = [2, 4] if figure == "S4" else [0, -1]
   results = []
   for value in settings:
-    c = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1})
-    if figure == "S4":
-      c.model.finetune = "lora"
-      c.model.lora.rank = value
-    else:
-      c.model.update(backbone="pe", variant="vit_pe_core_tiny_patch16_384", tap_layer=value)
-      c.model.arch = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8,
-                          img_size=32, num_classes=0, ref_feat_shape=(4, 4), attn_pool_num_heads=2)
+    c = _sweep_config(figure, value, tiny_demo_dir)
     out = tmp_path / f"sweep{value}"
     experiments.run_matrix(c, ["demo"], [8], ["gated"], out, plots=False, compile_cache=None)
     results.append(out / "results.jsonl")
@@ -213,3 +260,71 @@ def test_sweep_table_and_figure_from_real_runs(figure, tiny_demo_dir, tmp_path, 
     history = read_jsonl(path.parent / "runs/demo/gated/seed8/history.jsonl")
     np.testing.assert_array_equal(curves[("demo", "gated", int(x))],
                                   [h["val"]["srcc"] for h in history])
+
+
+def _retention_matrices(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  full = _fake_matrix(tmp_path / "a", [("clive", "baseline", {}, .60, .66)])
+  masked = _fake_matrix(tmp_path / "b", [
+      ("clive", "baseline", {"feature_keep_percentile": 50.0}, .55, .60)])
+  return full, masked
+
+
+def test_moved_run_folders_stop_the_report_naming_the_folder(tmp_path, capsys):
+  """Issue 23 item 5: a missing config.json was read as {}, so k=50 became k=100, the table came
+  out empty ("(no runs)"), exit 0, and an earlier table4.csv was overwritten."""
+  import shutil
+
+  from iqa_jax import report
+  full, masked = _retention_matrices(tmp_path)
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  capsys.readouterr()
+  csv_file = tmp_path / "a" / "tables" / "table4.csv"
+  before = csv_file.read_text()
+  assert ",50," in before
+  shutil.rmtree(tmp_path / "b" / "runs")  # the matrix's run folders moved elsewhere
+  assert report.main([str(full), str(masked), "--table", "4"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{tmp_path / 'b' / 'runs' / '0'}" in err[0] and "config.json" in err[0]
+  assert report.main([str(masked), "--table", "S1"]) == 2  # not "LoRA (r=4)" for a frozen run
+  assert csv_file.read_text() == before
+
+
+def test_tables_read_the_config_a_row_records_without_its_run_folder(tmp_path, capsys):
+  """Rows written by experiments.collect_results carry the run's config: no folder needed."""
+  import json
+  import shutil
+
+  from iqa_jax import report
+  full, masked = _retention_matrices(tmp_path)
+  for results in (full, masked):
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in rows:
+      r["config"] = json.loads((results.parent / r["workdir"] / "config.json").read_text())
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(results.parent / "runs")
+  assert report.main([str(full), str(masked), "--table", "4"]) == 0
+  # k=50: clive .55 / .60, Δ from k=100 (.60 / .66) = -.05 / -.06.
+  assert "| MLP-LReLU (Masking) | 50 | .550 | .600 | -.050 | -.060 |" in capsys.readouterr().out
+
+
+def test_collect_results_records_each_runs_config(tmp_path):
+  import json
+
+  from iqa_jax import experiments
+  workdir = tmp_path / "runs" / "demo" / "gated" / "seed8"
+  workdir.mkdir(parents=True)
+  (workdir / "run.json").write_text(json.dumps({"dataset": "demo", "head": "gated", "seed": 8}))
+  config = {"model": {"finetune": "frozen", "feature_keep_percentile": 70.0}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  (row,) = experiments.collect_results(tmp_path)
+  assert row["config"] == config and row["status"] == "running"
+
+
+def test_table_s1_labels_the_lora_rank_the_runs_used(tmp_path):
+  from iqa_jax import analyses
+  results = _fake_matrix(tmp_path, [("clive", "baseline",
+                                     {"finetune": "lora", "lora": {"rank": 8}}, .85, .84)])
+  (row,) = analyses.make_analysis_table([results], "S1").rows
+  assert row[1] == "LoRA (r=8)"

@@ -27,6 +27,9 @@ print(json.dumps({"stack": "fake", "threads": 2, "train_img_s": 2.0, "infer_img_
 """
 
 
+# Compiles and times the tiny train and eval steps, then the real CPU anchor (about 40 s on 2
+# busy cores); the --flops-only tests below trace the same steps of every family.
+@pytest.mark.slow
 def test_tiny_bench_prints_its_figures_and_the_cpu_ratio(capsys, tmp_path):
   reference = tmp_path / "torch_cpu_reference.py"
   reference.write_text(FAKE_CPU_REFERENCE)

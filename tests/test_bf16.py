@@ -103,3 +103,71 @@ def test_bf16_frozen_weights_match_float32_and_change_nothing_under_bf16_compute
     np.testing.assert_array_equal(upd[k], bf[k], err_msg=k)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
   assert relative_update_error(upd, ref, "head") < 0.12
+
+
+# Ops that pass a parameter on unchanged up to its layout or dtype: a dot that reads their output
+# reads the parameter.
+_PARAM_VIEWS = ("convert_element_type", "reshape", "broadcast_in_dim", "transpose", "squeeze",
+                "expand_dims", "copy")
+
+
+def _dots_reading_params(jaxpr, marked, found):
+  """Appends (dtypes of its operands, reads a marked parameter?) for every dot_general in `jaxpr`
+  and the jaxprs inside it (scan, remat, jit: operands map to inner inputs by position);
+  `marked` holds the variables that are a marked parameter, cast or reshaped. -> marked outputs."""
+  from jax.extend import core
+
+  def is_marked(v):
+    return isinstance(v, core.Var) and v in marked
+
+  for eqn in jaxpr.eqns:
+    inner = [j for j in core.jaxprs_in_params(eqn.params)]
+    if inner:
+      for sub in inner:
+        sub = getattr(sub, "jaxpr", sub)
+        sub_marked = {s for s, v in zip(sub.invars, eqn.invars, strict=True) if is_marked(v)}
+        outs = _dots_reading_params(sub, sub_marked, found)
+        marked.update(o for o, s in zip(eqn.outvars, sub.outvars, strict=True) if s in outs)
+    elif eqn.primitive.name == "dot_general":
+      found.append((tuple(str(v.aval.dtype) for v in eqn.invars),
+                    any(is_marked(v) for v in eqn.invars)))
+    elif eqn.primitive.name in _PARAM_VIEWS and any(is_marked(v) for v in eqn.invars):
+      marked.update(eqn.outvars)
+  return {v for v in jaxpr.outvars if is_marked(v)}
+
+
+def test_lora_head_and_gates_compute_in_float32_under_a_bf16_tower():
+  """App. B.1: under model.dtype=bfloat16 every matmul with a LoRA factor or a head weight takes
+  float32 operands, the gates' sigmoids run in float32, and the tower's other matmuls run in
+  bf16. Read from the traced program: LoRA's delta (x A B) is far below the bf16 output it is
+  added to, so a bf16 LoRA path changes the score too little for a value test to see."""
+  from jax.extend import core
+
+  from iqa_jax.models.model import IQAModel, build_backbone, head_from_config
+  config = _config("bfloat16", "float32")
+  model = IQAModel(backbone=build_backbone(config.model).module,
+                   head=head_from_config(config.model))
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.uint8)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+  closed = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(shapes, images)
+  leaves = jax.tree_util.tree_leaves_with_path(shapes)
+  trainable = [path[0].key == "head" or any(k.key in ("lora_a", "lora_b") for k in path)
+               for path, _ in leaves]  # (the SigLIP tower's MAP head is backbone/head)
+  marked = {v for v, t in zip(closed.jaxpr.invars, trainable + [False], strict=True) if t}
+  dots = []
+  _dots_reading_params(closed.jaxpr, marked, dots)
+  reading = [dtypes for dtypes, reads in dots if reads]
+  # q and k of the scanned layer (its body is traced once), 2 LoRA matmuls each; fc1, fc2, fc3.
+  assert len(reading) == 2 * 2 + 3, dots
+  assert all(dtypes == ("float32", "float32") for dtypes in reading), reading
+  assert sum(dtypes == ("bfloat16", "bfloat16") for dtypes, reads in dots if not reads) >= 6
+
+  sigmoids = []
+  def collect(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "logistic":
+        sigmoids.append(str(eqn.outvars[0].aval.dtype))
+      for sub in core.jaxprs_in_params(eqn.params):
+        collect(getattr(sub, "jaxpr", sub))
+  collect(closed.jaxpr)
+  assert sigmoids == ["float32"] * 4  # Eq. 3's two sigmoids in each of the two gates

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, tiny_csv_set, zeros_like_init
+from conftest import load_config, require, tiny_csv_set, zeros_like_init
 
 from iqa_jax.models import cleandift, hf_io, lora
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+torch = require("torch")
+transformers = require("transformers")
+diffusers = require("diffusers")
 
 # SD 2.1's structural options, shrunk: linear projections, per-block head counts (diffusers'
 # `attention_head_dim`), a cross-attention width of its own, three cross-attention blocks.
@@ -85,16 +85,26 @@ def _reference_taps(unet, vae, text, folder, images, timestep):
   return ids, prompt.numpy(), nhwc(latents), {k: nhwc(v) for k, v in taps.items()}
 
 
+def _from_config(folder, images, **model):
+  """configs/cleandift.py's backbone on the tiny SD folder (its LoRA B = 0), with `model` fields
+  changed -> (module, params, pp, the forward's intermediates on `images`)."""
+  config = load_config("cleandift")
+  config.model.update(init=str(folder), unet_init="", dtype="float32", remat="nothing",
+                      attention="xla", adapter=dict(width=16, grid=4), **model)
+  module, params, pp = cleandift.build(config.model)
+  params = hf_io.merge_loaded(zeros_like_init(module, images), params)
+  _, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
+  return module, params, pp, out
+
+
 def test_feature_path_matches_diffusers(tiny_sd):
   """Every map the adapter can take, at a non-square size whose latent (12x20) halves to odd
-  sizes (6x10, 3x5, 2x3), so the up blocks resample to the skip's size as diffusers does."""
+  sizes (6x10, 3x5, 2x3), so the up blocks resample to the skip's size as diffusers does. The
+  backbone is built from configs/cleandift.py as training builds it (timestep 261, LoRA r4)."""
   folder, unet, vae, text = tiny_sd
-  module, params, pp = cleandift.load_cleandift(str(folder), timestep=261.0, lora_rank=4,
-                                                remat="nothing", attention_impl="xla",
-                                                adapter=dict(width=16, grid=4))
   images = np.random.RandomState(0).uniform(-1, 1, (2, 24, 40, 3)).astype(np.float32)
-  params = hf_io.merge_loaded(zeros_like_init(module, images), params)  # LoRA B = 0
-  _, out = jax.jit(module.apply)({"params": params}, jnp.asarray(images))
+  module, params, pp, out = _from_config(folder, images)
+  assert (module.timestep, module.lora_rank) == (261.0, 4)
   ids, prompt, latents, taps = _reference_taps(unet, vae, text, folder, images, 261.0)
   assert ids == list(cleandift.prompt_token_ids(folder, "")[0])
   errors = {"prompt": np.abs(params["prompt_embedding"] - prompt).max(),
@@ -102,10 +112,56 @@ def test_feature_path_matches_diffusers(tiny_sd):
   errors.update({k: np.abs(np.asarray(out[k]) - taps[k]).max() for k in TAPS})
   print("CleanDIFT max abs error vs diffusers / transformers:",
         {k: f"{v:.1e}" for k, v in errors.items()})
-  assert max(errors.values()) <= 1e-4
+  # Measured 1.3e-5 (mid), 1.6e-5 on another host; Transformer2D's GroupNorm at epsilon 1e-5
+  # instead of diffusers' 1e-6 gives 9.6e-5 (the low-variance test below sees it as 0.88).
+  assert max(errors.values()) <= 5e-5
   assert out["up_3"].shape == (2, 12, 20, 8) and out["up_0"].shape == (2, 3, 5, 16)
   assert (pp["mean"], pp["std"]) == ((0.5,) * 3, (0.5,) * 3)  # SD's VAE reads [-1, 1]
   assert module.unet_cfg.upcast_attention  # read from unet/config.json, as SD 2.1 sets it
+
+
+def test_config_timestep_reaches_the_unet(tiny_sd):
+  """config.model.timestep=0 gives diffusers' maps at t=0, far from those at the default 261."""
+  folder, unet, vae, text = tiny_sd
+  images = np.random.RandomState(2).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  assert load_config("cleandift").model.timestep == 261.0
+  _, _, _, out = _from_config(folder, images, timestep=0.0)
+  at_0 = _reference_taps(unet, vae, text, folder, images, 0.0)[3]
+  at_261 = _reference_taps(unet, vae, text, folder, images, 261.0)[3]
+  for k in TAPS:  # measured: error 3.6e-6 to 1.3e-5, apart 0.58 to 1.9
+    error = np.abs(np.asarray(out[k]) - at_0[k]).max()
+    apart = np.abs(at_261[k] - at_0[k]).max()
+    assert error <= 5e-5 and apart > 0.1, (k, error, apart)
+
+
+def test_groupnorm_blocks_match_diffusers_at_a_low_variance_input(tiny_sd):
+  """The mid block's Transformer2DModel (GroupNorm epsilon 1e-6) and ResnetBlock2D (the config's
+  norm_eps, 1e-5) on an input of variance 1e-6, where each epsilon moves the normalised value
+  by tens of percent: the wrong epsilon is an error of order 1, not of order 1e-5."""
+  from iqa_jax.models import sd_unet
+  folder, unet, _, _ = tiny_sd
+  module, params, _ = cleandift.load_cleandift(str(folder))
+  cfg, p = module.unet_cfg, params["unet"]
+  rs = np.random.RandomState(1)
+  x = (1e-3 * rs.randn(2, 3, 5, cfg.block_out_channels[-1])).astype(np.float32)
+  context = rs.randn(2, 4, cfg.cross_attention_dim).astype(np.float32)
+  temb = rs.randn(2, 4 * cfg.block_out_channels[0]).astype(np.float32)
+  transformer = sd_unet.Transformer2D(cfg.heads()[-1], cfg.norm_num_groups,
+                                      cfg.use_linear_projection, (0, 8.0, 0.0), "xla")
+  resnet = sd_unet.ResnetBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.norm_eps)
+  got = {"transformer": transformer.apply({"params": p["mid_block_attentions_0"]}, x, context),
+         "resnet": resnet.apply({"params": p["mid_block_resnets_0"]}, x, temb)}
+  nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    want = {"transformer": unet.mid_block.attentions[0](
+                nchw, encoder_hidden_states=torch.from_numpy(context)).sample,
+            "resnet": unet.mid_block.resnets[0](nchw, torch.from_numpy(temb))}
+  errors = {k: float(np.abs(np.asarray(got[k]) - want[k].numpy().transpose(0, 2, 3, 1)).max())
+            for k in got}
+  print("low-variance GroupNorm blocks, max abs error vs diffusers:", errors)
+  # Measured 4.2e-7 (transformer) and 6.0e-7 (resnet), outputs of order 1; Transformer2D's
+  # epsilon at 1e-5 gives 0.88, the resnet's at 1e-6 gives 1.16.
+  assert max(errors.values()) <= 2e-6
 
 
 def test_bf16_attention_is_diffusers_upcast_attention():
@@ -281,13 +337,13 @@ TRAIN_ARCH = dict(prompt_length=5,
                   unet=dict(ARCH_UNET, block_out_channels=[8], layers_per_block=1,
                             attention_head_dim=[2], down_block_types=["DownBlock2D"],
                             up_block_types=["UpBlock2D"]))
-HEADS = ("baseline", "sigmoid", "gated")
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-  """configs/cleandift.py (LoRA, the adapter, random init) through the run matrix, one run per
-  head: 14 images (8 train, 6 val), batch 4 = 2 micro-batches x 2, one epoch = two steps each."""
+  """configs/cleandift.py (LoRA, the adapter, random init) through the run matrix, the gated
+  head (the others differ only in the head, which tests/test_head.py covers): 14 images (8
+  train, 6 val), batch 4 = 2 micro-batches x 2, one epoch = two steps."""
   from iqa_jax import experiments
   root = tmp_path_factory.mktemp("cleandift_matrix")
   csv_dir = tiny_csv_set(root)
@@ -298,21 +354,8 @@ def matrix(tmp_path_factory):
   base.data.update(name="csv", dir=str(csv_dir), image_size=16, val_fraction=6 / 14)
   base.optim.update(epochs=1, batch_size=4, grad_accum=2)
   base.update(eval_batch_size=4, progress=False)
-  rows = experiments.run_matrix(base, ["csv"], [0], list(HEADS), root / "m", plots=False)
+  rows = experiments.run_matrix(base, ["csv"], [0], ["gated"], root / "m", plots=False)
   return root, csv_dir, rows
-
-
-@pytest.mark.slow  # the matrix fixture: three random-init + train-step compiles
-def test_two_train_steps_with_each_head_through_the_matrix(matrix):
-  from iqa_jax.runs import checkpoint
-  root, _, rows = matrix
-  runs = {r["head"]: r for r in rows if r["kind"] == "run"}
-  assert sorted(runs) == sorted(HEADS)
-  for head, row in runs.items():
-    assert (row["status"], row["model"], row["finetune"]) == ("done", "CDIFT (random init)", "lora")
-    history = checkpoint.read_history(root / "m" / row["workdir"])
-    assert history[0]["step"] == 2 and np.isfinite(history[0]["train_loss"]), head
-  assert "CDIFT" in (root / "m" / "tables" / "table1.md").read_text()
 
 
 def _predictions(path, column):
@@ -321,10 +364,11 @@ def _predictions(path, column):
     return {r["path"]: float(r[column]) for r in csv.DictReader(f)}
 
 
-@pytest.mark.slow  # the matrix fixture: three random-init + train-step compiles
+@pytest.mark.slow  # the matrix fixture's random init and train step, then score/evaluate/features
 def test_score_evaluate_and_features_give_the_runs_predictions(matrix, tmp_path):
-  """The gated run's validation predictions, computed in memory by the training loop, come back
-  from `score`, from `evaluate`, and from its trained head on the feature cache's rows. The
+  """Two train steps through the run matrix; the run's validation predictions, computed in
+  memory by the training loop, come back from `score`, from `evaluate`, and from its trained
+  head on the feature cache's rows. The
   matrix's XLA cache serves the programs the run already compiled (random init, eval step):
   measured CPU time of `score` 49 s without it, 4 s with it."""
   from iqa_jax import parallel
@@ -343,7 +387,10 @@ def _score_evaluate_and_features(matrix, tmp_path):
   from iqa_jax.training import features
   root, csv_dir, rows = matrix
   row = next(r for r in rows if r["kind"] == "run" and r["head"] == "gated")
+  assert (row["status"], row["model"], row["finetune"]) == ("done", "CDIFT (random init)", "lora")
   workdir = root / "m" / row["workdir"]
+  history = checkpoint.read_history(workdir)
+  assert history[0]["step"] == 2 and np.isfinite(history[0]["train_loss"])
   in_memory = _predictions(workdir / "val_predictions.csv", "pred")
   paths = sorted(in_memory)
   assert len(paths) == 6

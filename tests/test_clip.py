@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import train_two_steps, zeros_like_init
+from conftest import require, train_two_steps, zeros_like_init
 
 from iqa_jax.models import clip, hf_io
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             patch_size=8, image_size=32, projection_dim=16)

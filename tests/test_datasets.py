@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.io
+from conftest import require
 from PIL import Image
 
 from iqa_jax.data import datasets, pipeline
@@ -29,7 +30,7 @@ def _csv(path, header, rows, quote=csv.QUOTE_MINIMAL):
 
 
 def _xlsx(path, header, rows):
-  openpyxl = pytest.importorskip("openpyxl")
+  openpyxl = require("openpyxl")
   path.parent.mkdir(parents=True, exist_ok=True)
   wb = openpyxl.Workbook()
   ws = wb.active
@@ -188,6 +189,24 @@ def test_koniq10k(tmp_path):
   assert recs[0].extras["row"] == "koniq10k_scores_and_distributions.csv:2"
   small = _load("koniq10k", tmp_path, resolution="512x384")
   assert small[0].path == str(tmp_path / "512x384/10004473376.jpg")
+
+
+def test_koniq10k_official_mos_divisor(tmp_path):
+  """data.options.koniq_mos_divisor=100: the official dataset.py's MOS / 100 on the 1-5 column
+  (3.828571 -> 0.03828571); the run's MOS scale follows, so scores map back to 1-5 MOS."""
+  import ml_collections
+
+  from iqa_jax.data.records import mos_scale
+  make_koniq(tmp_path)
+  recs = _load("koniq10k", tmp_path, koniq_mos_divisor=100.0)
+  np.testing.assert_allclose([r.mos for r in recs], [0.03828571, 0.03479167, 0.03202128])
+  assert recs[0].raw_mos == 3.828571
+  data = ml_collections.ConfigDict({"name": "koniq10k", "options": {"koniq_mos_divisor": 100.0}})
+  assert mos_scale(data) == (100.0, 0.0)
+  data.options.koniq_mos_divisor = 5.0
+  assert mos_scale(data) == (5.0, 0.0)
+  with pytest.raises(ValueError, match="koniq_mos_divisor must be > 0"):
+    _load("koniq10k", tmp_path, koniq_mos_divisor=0.0)
 
 
 def test_kadid10k(tmp_path):
@@ -379,3 +398,61 @@ def test_save_and_load_splits(tmp_path):
   path = datasets.save_splits(s, str(tmp_path))
   assert path.name == "splits.json" and len(json.loads(path.read_text())["val"]) == 2
   assert datasets.load_splits(str(tmp_path)) == s
+
+
+@pytest.mark.parametrize("name", ["kadid10k", "csv"])
+def test_a_short_row_is_a_bad_row_not_a_key_error(tmp_path, name):
+  """Issue 23 item 9: a row with fewer cells than the header raised KeyError ('mos', 'dmos'),
+  even with on_error=skip. Now its MOS reads as NaN: one error naming file and line, or skipped
+  and counted."""
+  if name == "kadid10k":
+    rows = make_kadid(tmp_path)
+    table = tmp_path / "dmos.csv"
+    with open(table, "a") as f:
+      f.write(f"{rows[1][0]},{rows[1][1]}\n")  # dmos and var cut off: line 14
+    line, cells = f"dmos.csv:{len(rows) + 2}", "2 of 4"
+  else:
+    _image(tmp_path / "imgs/a.png")
+    _image(tmp_path / "imgs/b.png", 1)
+    _csv(tmp_path / "labels.csv", ["path", "mos"], [["imgs/a.png", 0.25], ["imgs/b.png"]])
+    line, cells = "labels.csv:3", "1 of 2"
+  config = ml_collections.ConfigDict({"name": name, "dir": str(tmp_path), "options": {}})
+  records = datasets.load_records(config)
+  with pytest.raises(ValueError, match=rf"\({line} \(short row: {cells} cells\)\): MOS is not a "
+                                       "number"):
+    pipeline.check_records(records)
+  kept, skipped = pipeline.check_records(records, on_error="skip")
+  assert len(kept) == len(records) - 1 and len(skipped) == 1
+
+
+def _fake_demo(root, rows):
+  _csv(root / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"], rows)
+  for i, r in enumerate(rows):
+    _image(root / "images" / r[0], i)
+
+
+def test_demo_adapter_reads_its_table_like_the_other_adapters(tmp_path):
+  """Issue 23 item 9: a renamed header, a short row or a non-numeric dmos gave tracebacks
+  (KeyError, ValueError: could not convert string to float)."""
+  from iqa_jax.data import demo
+  good = [["I01_01_01_c01.png", "I01.png", 5.0, 0.0], ["I01_03_05_c01.png", "I01.png", 1.0, 0.0]]
+  _fake_demo(tmp_path / "ok", good)
+  records = demo.load(str(tmp_path / "ok"))
+  assert [(r.mos, r.raw_mos, r.extras["distortion"]) for r in records] == [
+      (1.0, 5.0, "gaussian_blur"), (0.0, 1.0, "jpeg")]  # (dmos - 1) / 4
+  assert [r.path for r in demo.load(str(tmp_path / "ok"), distortions="jpeg")] == [records[1].path]
+  _fake_demo(tmp_path / "bad", good + [["I01_02_03_c01.png", "I01.png", "high", 0.0]])
+  with open(tmp_path / "bad" / "dmos.csv", "a") as f:
+    f.write("I01_04_02_c01.png,I01.png\n")
+  _image(tmp_path / "bad" / "images" / "I01_04_02_c01.png")
+  bad = demo.load(str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match=r"\(dmos.csv:4\): MOS is not a number"):
+    pipeline.check_records(bad)
+  kept, skipped = pipeline.check_records(bad, on_error="skip")
+  assert kept == bad[:2] and len(skipped) == 2
+  _csv(tmp_path / "renamed" / "dmos.csv", ["image", "ref_img", "dmos"], [good[0][:3]])
+  with pytest.raises(ValueError, match=r"demo: .*dmos.csv lacks column\(s\) \['dist_img'\]"):
+    demo.load(str(tmp_path / "renamed"))
+  _fake_demo(tmp_path / "odd", [["photo.png", "I01.png", 5.0, 0.0]])
+  with pytest.raises(ValueError, match=r"dmos.csv:2: dist_img 'photo.png' is not a demo image"):
+    demo.load(str(tmp_path / "odd"))

@@ -1,5 +1,5 @@
 """Grad-CAM against a model whose map is known in closed form, on every backbone family; t-SNE
-silhouettes against scikit-learn on known clusters."""
+silhouettes against the formula, worked by hand, on known clusters."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,14 +105,31 @@ def test_band_target_sums_magnitudes_in_the_band():
     explain.band_target("30-10")
 
 
-def test_tsne_silhouette_on_known_clusters_matches_sklearn():
-  from sklearn.metrics import silhouette_score
+def _silhouette(points, labels):
+  """Rousseeuw's silhouette written out: s = (b - a) / max(a, b) per point, a its mean distance
+  to the rest of its cluster, b to the nearest other cluster; the mean over points."""
+  points, labels = np.asarray(points, np.float64).reshape(len(labels), -1), np.asarray(labels)
+  d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+  s = []
+  for i, c in enumerate(labels):
+    own = (labels == c) & (np.arange(len(labels)) != i)
+    a = d[i, own].mean()
+    b = min(d[i, labels == o].mean() for o in set(labels.tolist()) - {c})
+    s.append((b - a) / max(a, b))
+  return float(np.mean(s))
+
+
+def test_tsne_silhouette_on_known_clusters_is_the_silhouette_of_its_embedding():
+  # Worked by hand: 0, 1 | 4, 6 on a line -> s = 4/5, 3/4, 1.5/3.5, 3.5/5.5; mean 0.653734.
+  assert _silhouette([0, 1, 4, 6], [0, 0, 1, 1]) == pytest.approx(0.653734, abs=1e-6)
   rs = np.random.RandomState(0)
   labels = np.repeat(np.arange(5), 40)
   centers = rs.randn(5, 20) * 10
   x = centers[labels] + rs.randn(200, 20)
   emb, sil = explain.tsne_panel(x, labels)
-  assert sil == pytest.approx(silhouette_score(emb, labels), abs=1e-12)
+  assert emb.shape == (200, 2)
+  # Measured 1.5e-8: scikit-learn takes distances of the float32 embedding in float32.
+  assert sil == pytest.approx(_silhouette(emb, labels), abs=5e-8)
   assert sil > 0.8  # five far-apart blobs stay apart in 2-D
   _, mixed = explain.tsne_panel(x, rs.permutation(labels))
   assert abs(mixed) < 0.1  # labels unrelated to the clusters: no structure
@@ -197,3 +214,23 @@ def test_over_training_refuses_an_epoch_the_run_did_not_keep(trained_run, capsys
                        "--over-training", "--epochs", "1,3", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--epochs 3:" in err and "keeps epochs 1,2" in err
+
+
+def test_gradcam_and_tsne_refuse_user_mistakes_in_one_line(trained_run, tmp_path, capsys):
+  """Issue 23 items 9, 11: an export folder as --workdir and an --out that is a file were
+  tracebacks; --per-split 0 failed inside scikit-learn."""
+  from iqa_jax import export
+  config, workdir, _ = trained_run
+  image = f"{config.data.dir}/images/I01_01_05_c01.png"
+  model = export.export_run(str(workdir), str(tmp_path / "model"))
+  cases = [
+      (["gradcam", "--workdir", str(model), "--out", str(tmp_path / "g"), image],
+       "is an exported model, not a run folder"),
+      (["gradcam", "--workdir", str(workdir), "--out", image, image], f"--out {image} is a file"),
+      (["tsne", "--workdir", str(workdir), "--out", str(tmp_path / "t"), "--per-split", "0"],
+       "--per-split 0: t-SNE and the silhouette score need at least 10")]
+  for argv, message in cases:
+    assert explain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+  assert not (tmp_path / "g").exists() and not (tmp_path / "t").exists()

@@ -205,3 +205,107 @@ def test_refuses_a_truncated_file(exported, tmp_path, capsys):
   assert "is truncated" in _refused(d, capsys)
   (d / "config.json").write_text('{"format_version": 1, "mod')
   assert "config.json is not valid JSON" in _refused(d, capsys)
+
+
+# --- What export replaces, and what loading checks (issue 23) ---
+
+def _tree(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["the_run", "another_run", "hf_checkpoint", "user_file",
+                                    "a_file"])
+def test_export_refuses_an_out_it_did_not_write(target, exported, tiny_siglip_dir, tmp_path,
+                                                capsys):
+  root, dirs, _, _ = exported
+  run = root / "run"
+  if target == "the_run":
+    out = run
+  elif target == "another_run":
+    out = tmp_path / "other_run"
+    shutil.copytree(run, out)
+  elif target == "hf_checkpoint":  # config.json and model.safetensors, but not ours
+    out = tmp_path / "hf"
+    shutil.copytree(tiny_siglip_dir, out)
+  elif target == "user_file":  # an earlier export with the user's notes in it
+    out = tmp_path / "model"
+    shutil.copytree(dirs["merged"], out)
+    (out / "notes.txt").write_text("mine")
+  else:
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score\n")
+  before = _tree(out) if out.is_dir() else out.read_bytes()
+  rc = export.main(["--workdir", str(run), "--out", str(out)])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and f"--out {out}" in err, err
+  assert "pass a new --out" in err
+  assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
+  if target == "user_file":
+    assert "notes.txt" in err
+  assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob("*.old*"))
+
+
+def test_export_replaces_its_own_and_older_exports_and_writes_0644(exported, trained_run,
+                                                                   tmp_path):
+  _, dirs, _, _ = exported
+  _, run, _ = trained_run  # the tiny demo run (its base checkpoint is still there)
+  out = tmp_path / "model"
+  shutil.copytree(dirs["merged"], out)  # an earlier export of another run
+  old = os.umask(0o022)
+  try:
+    export.export_run(str(run), str(out))  # ours (written_by): replaced
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["written_by"] == "iqa_jax.export" and cfg["source"]["run"] == str(run.resolve())
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644, "README.md": 0o644}
+    del cfg["written_by"]  # as an export written before the marker: the exact old schema
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "README.md").write_text("older card")
+    export.export_run(str(run), str(out))
+    assert (out / "README.md").read_text() != "older card"
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["written_by"]
+    cfg["note"] = "edited by hand"  # neither marked nor the old schema: not provably ours
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="holds a config.json that export did not write"):
+      export.export_run(str(run), str(out))
+  finally:
+    os.umask(old)
+
+
+def _edit_config(d, edit):
+  cfg = json.loads((d / "config.json").read_text())
+  cfg = edit(cfg)
+  (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda c: {**c, "input_size": c["input_size"] + 8},
+     "field 'input_size' is 40, but the pp string"),
+    (lambda c: {k: v for k, v in c.items() if k != "pp"}, "field 'pp' is missing"),
+    (lambda c: {**c, "pp": c["pp"].split("|")}, "field 'pp' is a list, not a str"),
+    (lambda c: {**c, "pp": "decode|no_such_op(3)"}, "field 'pp' is not a pp string"),
+    (lambda c: {**c, "view": {"kind": "tiles", "crops": 3}}, "field 'view' is"),
+    (lambda c: {**c, "mos_scale": [5.0]}, "field 'mos_scale' is [5.0]"),
+    (lambda c: [c], "holds a JSON list"),
+])
+def test_refuses_config_fields_that_do_not_fit(edit, says, exported, tmp_path, capsys):
+  d = _damaged(exported[1]["merged"], tmp_path)
+  _edit_config(d, edit)
+  msg = _refused(d, capsys)
+  assert str(d / "config.json") in msg and says in msg, msg
+
+
+def test_refuses_a_tensor_of_another_dtype(exported, tmp_path, capsys):
+  from safetensors.numpy import load_file, save_file
+  d = _damaged(exported[1]["merged"], tmp_path)
+  tensors = load_file(d / "model.safetensors")
+  key = "head.fc2.kernel"
+  save_file({**tensors, key: (tensors[key] * 100).astype(np.int32)}, d / "model.safetensors")
+  msg = _refused(d, capsys)
+  assert str(d / "model.safetensors") in msg and f"tensor '{key}' is int32" in msg, msg
+  # A bf16 export's backbone is bfloat16, its head float32: both load.
+  bf16 = load_file(exported[1]["bf16"] / "model.safetensors")
+  assert str(bf16["backbone.embeddings_patch_embedding.kernel"].dtype) == "bfloat16"
+  assert str(bf16["head.fc2.kernel"].dtype) == "float32"
+  export.load_exported(exported[1]["bf16"])

@@ -247,3 +247,52 @@ def test_fused_micro_batches_give_the_accumulated_gradient(tiny_demo_dir):
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(1))
   assert abs(float(whole(state, batches[0])[1]["loss"]) - l_acc[0]) > 1e-3
+
+
+def test_cache_mistakes_name_the_right_tool_and_file(frozen_runs, tiny_demo_dir, tmp_path):
+  """Issue 23 item 11: a non-cache or unfinished data.features folder said to run data.prepare;
+  a cut features.npy said "mmap length is greater than file size" with no file; a cache of a
+  subset advised data.on_error=skip (training on the subset); extracting into another cache's
+  folder printed every MOS value (8 KB)."""
+  _, _, feats, _ = frozen_runs
+  def train_on(folder, **fields):
+    config = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen", "optim.epochs": 1,
+                                                "data.features": str(folder), **fields})
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      train.train_and_evaluate(config, str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"))
+    message = str(e.value)
+    assert "\n" not in message and "data.prepare" not in message, message
+    return message
+  (tmp_path / "empty").mkdir()
+  assert "is not a feature cache (no index.json)" in train_on(tmp_path / "empty")
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(feats, unfinished)
+  (unfinished / "index.json").rename(unfinished / "progress.json")
+  assert "unfinished feature cache" in train_on(unfinished)
+  cut = tmp_path / "cut"
+  shutil.copytree(feats, cut)
+  data = (cut / "features.npy").read_bytes()
+  (cut / "features.npy").write_bytes(data[:len(data) // 2])
+  assert f"{cut / 'features.npy'} is unreadable" in train_on(cut)
+  # A real cache of a subset: the jpeg tiles only (60 of 240 images, same backbone fingerprint).
+  jpeg = {"model.finetune": "frozen", "data.options.distortions": "jpeg"}
+  subset = features.extract_features(tiny_demo_config(tiny_demo_dir, **jpeg), str(tmp_path / "jp"),
+                                     batch_size=64, progress=False)
+  message = train_on(subset, **{"data.on_error": "skip"})
+  assert "180 of 240 records" in message and "on_error" not in message
+  other = tiny_demo_config(tiny_demo_dir, **{"model.finetune": "frozen", "seed": 19})
+  with pytest.raises(ValueError, match="already holds a feature cache of something else") as e:
+    features.extract_features(other, str(subset), progress=False)
+  assert len(str(e.value)) < 400, len(str(e.value))
+
+
+def test_training_summary_names_the_backbone_of_a_cached_head(frozen_runs):
+  """Issue 23 item 8: a head trained on a cache said "finetune full, base none" on its card."""
+  from iqa_jax import run_folder
+  root, _, feats, _ = frozen_runs
+  summary = run_folder.training_summary(root / "cached")
+  assert summary["features"] == {"cache": str(feats.absolute()), "backbone": "siglip",
+                                 "init": None, "seed": 8, "source_run": None}
+  assert run_folder.describe_training(summary)[-1] == (
+      f"head trained on the feature cache {feats.absolute()}, features made by siglip (random "
+      "init, seed 8)")

@@ -73,7 +73,7 @@ def _tiny_config(finetune):
   return c
 
 
-@pytest.mark.parametrize("finetune", ["lora", "frozen", "full"])
+@pytest.mark.parametrize("finetune", ["lora", "frozen", "full", "lora_full"])
 def test_frozen_leaves_bit_identical_and_stateless(finetune):
   from iqa_jax.models.model import create_model
   config = _tiny_config(finetune)
@@ -102,5 +102,7 @@ def test_frozen_leaves_bit_identical_and_stateless(finetune):
   assert not any(moved["frozen"])
   assert all(moved["trainable"])  # lora_a moves from the second step, once B is non-zero
   expected = {"lora": {"head", "lora", "frozen"}, "frozen": {"head", "frozen"},
-              "full": {"head", "backbone"}}[finetune]
+              "full": {"head", "backbone"},
+              # the official train.py: LoRA and every backbone weight (requires_grad_(True))
+              "lora_full": {"head", "lora", "backbone"}}[finetune]
   assert set(flat_l) == expected

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import train_two_steps, zeros_like_init
+from conftest import missing, require, train_two_steps, zeros_like_init
 
 from iqa_jax.models import hf_io, pe, posemb
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, ref_feat_shape=(4, 4),
             attn_pool_num_heads=2)
@@ -71,7 +71,7 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def _timm():
   """Yields timm; placeholder torchvision modules exist only inside: other tests never see them."""
   if importlib.util.find_spec("timm") is None:
-    pytest.skip("timm is not installed (pip install --no-deps timm)")
+    missing("timm is not installed: pip install --no-deps timm==1.0.29")
   try:
     import torchvision  # noqa: F401
     placeholder = None

@@ -1,6 +1,7 @@
 """pp ops alone with known numbers, and the composed string against HF's SiglipImageProcessor."""
 import numpy as np
 import pytest
+from conftest import require
 from PIL import Image
 
 from iqa_jax.data import pp
@@ -15,7 +16,7 @@ def _run(pp_str, image):
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
   """A real photograph (skimage's chelsea, 300x451) saved as PNG."""
-  data = pytest.importorskip("skimage.data")
+  data = require("skimage.data")
   path = tmp_path_factory.mktemp("pp") / "chelsea.png"
   Image.fromarray(data.chelsea()).save(path)
   return str(path)
@@ -23,7 +24,7 @@ def photo(tmp_path_factory):
 
 @pytest.mark.parametrize("size,resample", [(224, "bilinear"), (64, "bilinear"), (64, "bicubic")])
 def test_matches_hf_siglip_processor(photo, size, resample):
-  transformers = pytest.importorskip("transformers")
+  transformers = require("transformers")
   codes = {"bilinear": 2, "bicubic": 3}  # SigLIP(2) checkpoints ship resample=2
   proc = transformers.SiglipImageProcessor(size={"height": size, "width": size},
                                            resample=codes[resample])
@@ -36,7 +37,7 @@ def test_matches_hf_siglip_processor(photo, size, resample):
 
 
 def test_matches_hf_clip_processor_with_crop(photo):
-  transformers = pytest.importorskip("transformers")
+  transformers = require("transformers")
   proc = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=48)
   want = proc(images=Image.open(photo), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
   pre = {"size": 64, "crop": 48, "mean": proc.image_mean, "std": proc.image_std,

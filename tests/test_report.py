@@ -105,3 +105,28 @@ def test_cli_prints_markdown_and_writes_csv(tmp_path, capsys):
   assert float(rows[1][1]) == pytest.approx(0.88)
   written = report.write_tables(_rows(), tmp_path / "all")
   assert sorted(p.name for p in written) == [f"table{t}.md" for t in sorted(report.TABLES)]
+
+
+def test_an_empty_table_exits_1_and_keeps_the_earlier_csv(tmp_path, capsys):
+  """Issue 23 item 5: "(no runs)", exit 0 and an overwritten CSV hid that nothing matched."""
+  store = tmp_path / "results.jsonl"
+  store.write_text("".join(json.dumps(r) + "\n" for r in _rows() if r["head"] == "gated"))
+  earlier = tmp_path / "tables" / "table1.csv"
+  earlier.parent.mkdir()
+  earlier.write_text("kept\n")
+  assert report.main([str(store), "--table", "1"]) == 1  # Table 1 has no gated rows
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "Table 1" in err[0] and "nothing written" in err[0]
+  assert earlier.read_text() == "kept\n"
+
+
+def test_a_cut_results_jsonl_is_one_line_naming_the_file_and_line(tmp_path, capsys):
+  """Issue 23 item 11: a crash mid-write left half a line; the JSON error named no file."""
+  store = tmp_path / "results.jsonl"
+  text = "".join(json.dumps(r) + "\n" for r in _rows())
+  store.write_text(text[:-20])
+  assert report.main([str(store), "--table", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{store}:{len(_rows())}" in err[0]
+  assert report.main([str(tmp_path / "missing.jsonl")]) == 2
+  assert "missing.jsonl not found" in capsys.readouterr().err

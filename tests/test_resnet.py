@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import train_two_steps, zeros_like_init
+from conftest import require, train_two_steps, zeros_like_init
 
 from iqa_jax.models import hf_io, resnet
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 TINY = dict(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck")
 
@@ -51,7 +51,7 @@ def test_pooler_output_matches_hf(tiny_resnet):
 
 @pytest.mark.parametrize("kernel,stride", [(3, 2), (1, 1)])
 def test_lora_conv_matches_peft(kernel, stride):
-  peft = pytest.importorskip("peft")
+  peft = require("peft")
   torch.manual_seed(1)
   net = torch.nn.Sequential()
   net.add_module("conv", torch.nn.Conv2d(6, 10, kernel, stride, kernel // 2, bias=False))

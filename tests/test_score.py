@@ -174,13 +174,15 @@ def test_shards_merged_equal_one_unsharded_run(model_dir, val_paths, tmp_path, c
 
 def test_a_second_writer_is_refused(model_dir, val_paths, tmp_path, capsys):
   out = tmp_path / "s.csv"
-  out.write_text("path,score,mos,error\n")
+  assert _score(model_dir, out, val_paths[0]) == 0
+  before = out.read_text()
+  capsys.readouterr()
   with score.csv_lock(str(out)):  # another `score` holds the CSV
-    assert _score(model_dir, out, val_paths[0]) == 2
+    assert _score(model_dir, out, val_paths[1]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "being written by another score process" in err
-  assert out.read_text() == "path,score,mos,error\n"
-  assert _score(model_dir, out, val_paths[0]) == 0 and len(_rows(out)) == 1
+  assert out.read_text() == before
+  assert _score(model_dir, out, val_paths[1]) == 0 and len(_rows(out)) == 1
   assert not (tmp_path / "s.csv.lock").exists()
 
 
@@ -193,6 +195,8 @@ def test_resume_repairs_a_cut_line_and_retries_errors(model_dir, val_paths, tmp_
   broken = lines[:3] + [f"{paths[2]},,,OSError: the disk was gone", lines[4][:len(paths[3]) + 4]]
   out = tmp_path / "s.csv"
   out.write_text("\n".join(broken))
+  # The sidecar the crashed run wrote before its rows: the same command's.
+  (tmp_path / "s.csv.meta.json").write_text((tmp_path / "ref.csv.meta.json").read_text())
   capsys.readouterr()
   assert _score(model_dir, out, "--resume", *paths) == 0
   got = _rows(out)

@@ -72,6 +72,32 @@ def test_crops_view_is_the_mean_over_its_windows(demo_model, photo):
   assert abs(crops(rgb) - resize(rgb)) > 1e-4  # the two views differ on a larger image
 
 
+def test_different_images_in_one_batch_score_as_they_do_alone(demo_model):
+  """Four images of different sizes and content, batches of three (the second padded): each
+  gets the score it gets alone, and under `crops` the mean over its own windows."""
+  _, model_dir = demo_model
+  rng = np.random.default_rng(1)
+  images = [rng.integers(lo, hi, shape, np.uint8) for lo, hi, shape in
+            [(0, 256, (45, 70, 3)), (100, 140, (40, 40, 3)), (0, 60, (64, 33, 3)),
+             (200, 256, (50, 90, 3))]]
+  loaded = load_model(model_dir)
+  for view in ("crops", "resize"):
+    scorer = Scorer(loaded, view=view, crops=3, batch_size=3)
+    together = scorer(images)
+    alone = np.array([scorer(image) for image in images])
+    assert np.ptp(alone) > 1e-3  # the images really score differently
+    # One program, each image at another place in the batch: measured 2.0e-8 (crops) and 0.0
+    # (resize) here. 1e-6: float32 rounding by batch position differs between hosts (1e-6 score
+    # gaps seen on another host of ours); a mean taken across images instead moves them by 0.33.
+    np.testing.assert_allclose(together, alone, atol=1e-6, err_msg=view)
+  s = loaded.input_size  # 32: every side here is at least 32, so the windows are plain cuts
+  resize = Scorer(loaded, view="resize", batch_size=3)
+  own_windows = [np.mean(resize([im[t:t + s, x:x + s]
+                                 for t, x in crop_corners(*im.shape[:2], s, 3)])) for im in images]
+  together = Scorer(loaded, view="crops", crops=3, batch_size=3)(images)
+  np.testing.assert_allclose(together, own_windows, atol=1e-6)  # measured 7.9e-8, as above
+
+
 def test_exported_demo_model_equals_its_run(demo_model, photo):
   workdir, model_dir = demo_model
   d, rgb = photo
@@ -115,3 +141,74 @@ def test_demo_style_model_ranks_graded_distortions_of_full_size_photos(tmp_path)
   print(f"mean within-photo SRCC: {srcc}")  # measured: resize 0.18, crops 0.48
   assert srcc["crops"] > 0.3
   assert srcc["crops"] > srcc["resize"] + 0.15
+
+
+# --- Input mistakes, damaged weights and the crops view's memory (issue 23) ---
+
+def test_inputs_that_are_not_images_get_a_clear_error(demo_model):
+  _, model_dir = demo_model
+  scorer = Scorer.from_pretrained(model_dir)
+  with pytest.raises(TypeError, match=r"cannot score None: pass paths"):
+    scorer(None)
+  with pytest.raises(TypeError, match=r"cannot score a int \(5\)"):
+    scorer(5)
+  with pytest.raises(ValueError, match=r"empty image: a numpy array of shape \(0, 0, 3\)"):
+    scorer(np.zeros((0, 0, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"input 1 \(NoneType\): TypeError: cannot score None"):
+    scorer([np.zeros((40, 40, 3), np.uint8), None])
+  with pytest.raises(ValueError) as e:
+    scorer("missing.png")
+  assert "missing.png: file not found" in str(e.value) and "on_error" not in str(e.value)
+  assert "fix or leave out that input" in str(e.value)
+  with pytest.raises(ValueError, match="--which last: .* is an exported model"):
+    Scorer.from_pretrained(model_dir, which="last")
+
+
+def test_non_finite_scores_raise(demo_model):
+  _, model_dir = demo_model
+  loaded = load_model(model_dir)
+  loaded.params = {**loaded.params, "head": {**loaded.params["head"], "fc3": {
+      **loaded.params["head"]["fc3"],
+      "bias": np.full_like(np.asarray(loaded.params["head"]["fc3"]["bias"]), np.inf)}}}
+  with pytest.raises(ValueError, match=r"non-finite score \(inf\)"):
+    Scorer(loaded)(np.zeros((40, 40, 3), np.uint8))
+
+
+def _enlarge_then_cut(image, size, n, resample):
+  """The reference: enlarge the whole image (aspect kept) until both sides reach size, cut."""
+  from iqa_jax.data import pp
+  h, w = image.shape[:2]
+  s = size / min(h, w)
+  big = pp.get_resize((max(size, round(h * s)), max(size, round(w * s))), resample)(
+      {"image": image})["image"]
+  return np.stack([big[t:t + size, x:x + size]
+                   for t, x in crop_corners(*big.shape[:2], size, n)])
+
+
+def test_crops_of_a_small_image_equal_enlarging_it_first(photo):
+  from iqa_jax.scorer import native_crops
+  _, rgb = photo
+  for image in (rgb[:5, :60], rgb[:3, :3], rgb[:31, :33], rgb[:40, :20]):
+    got = native_crops(image, 32, 3, "bilinear").astype(int)
+    want = _enlarge_then_cut(image, 32, 3, "bilinear").astype(int)
+    # PIL rounds its first pass to uint8, and with a source box it may run the passes in the
+    # other order: measured max 1 grey level, mean at most 0.25 (40 x 20) on these noise images.
+    assert np.abs(got - want).max() <= 1 and np.abs(got - want).mean() < 0.75
+
+
+def test_crops_of_a_long_strip_never_enlarge_the_whole_strip():
+  import tracemalloc
+
+  from iqa_jax.scorer import native_crops
+  strip = np.random.default_rng(0).integers(0, 256, (1, 60000, 3), np.uint8)
+  tracemalloc.start()
+  crops = native_crops(strip, 64, 3)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert crops.shape == (3, 64, 64, 3)
+  # Enlarged first, the strip was 64 x 3.84M x 3 = 737 MB (measured: traced peak 1.47 GB, max
+  # RSS 2.44 GB); cut from source boxes the traced peak is 0.09 MB (max RSS 62 MB).
+  assert peak < 2e6, peak
+  short = strip[:, :600]  # enlarged: 64 x 38400, small enough for the reference
+  diff = native_crops(short, 64, 3).astype(int) - _enlarge_then_cut(short, 64, 3, "bilinear")
+  assert np.abs(diff).max() <= 1  # measured 0 here; 1 on the images above

@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import train_two_steps, zeros_like_init
+from conftest import require, train_two_steps, zeros_like_init
 
 from iqa_jax.data import pp as pp_lib
 from iqa_jax.models import hf_io
 from iqa_jax.models import siglip2_naflex as naflex
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             patch_size=4, num_patches=16)

@@ -12,10 +12,11 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from conftest import missing, require
 
-pytest.importorskip("tensorflow_datasets")
+require("tensorflow_datasets", "pip install -e '.[tfds]'")
 if importlib.util.find_spec("tensorflow") is None:  # building needs it (the `tfds` extra)
-  pytest.skip("TensorFlow is not installed: pip install -e '.[tfds]'", allow_module_level=True)
+  missing("TensorFlow is not installed: pip install -e '.[tfds]'")
 
 from test_datasets import (  # noqa: E402  (the official-layout fixture builders, one copy)
   make_agiqa1k,
@@ -265,3 +266,15 @@ def test_evaluate_reads_the_run_source(built, tmp_path):
                                              data_dir=releases["agiqa1k"]))
   assert [r.mos for r in pipeline.load_records(d)] == [r.mos for r in files]
   assert data_config_for(run, "clive", "/x", source="files").source == "files"
+
+
+def test_koniq_official_mos_divisor_applies_to_a_build(built):
+  """A build stores App. B's MOS / 5; data.options.koniq_mos_divisor=100 (the official code)
+  rescales its raw MOS as the file source does, instead of silently keeping / 5."""
+  tfds_dir, releases = built
+  from_files = datasets.load_records(_data_config("koniq10k", source="files",
+                                                  data_dir=releases["koniq10k"],
+                                                  koniq_mos_divisor=100.0))
+  from_tfds = datasets.load_records(_data_config("koniq10k", tfds_dir, koniq_mos_divisor=100.0))
+  assert [r.mos for r in from_tfds] == [r.mos for r in from_files]
+  assert from_tfds[0].mos == pytest.approx(3.828571 / 100)

@@ -116,3 +116,17 @@ def test_uint8_batches_normalised_on_device_score_like_host_normalised(trained_r
   a, _ = model.apply({"params": params}, as_float)
   b, _ = model.apply({"params": params}, as_uint8)
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+def test_official_recipe_trains_through_the_real_loop(tmp_path):
+  """configs/siglip2_official.py (agm head, LoRA + every backbone weight, the swapped margin
+  call) on a tiny random tower: two optimizer steps; the run keeps the whole tower (it all
+  trains), LoRA factors included, and the agm gate weights are logged."""
+  from conftest import TINY_SIGLIP, train_two_steps
+  arch = {k: v for k, v in TINY_SIGLIP.items() if k != "layer_norm_eps"}
+  results, history = train_two_steps(tmp_path, "siglip2_official", arch, head="agm")
+  assert np.isfinite(history[-1]["train_loss"]) and "srcc" in results["best"]
+  saved, _ = checkpoint.load_params(tmp_path / "run", "last")
+  assert any(".lora_a" in k for k in saved)
+  assert any(k.endswith("q_proj.kernel") for k in saved)  # the base q weight trains too
+  assert set(history[-1]["gate_w"]) == {"act1"}  # GatedBlend gates; the PReLU has none

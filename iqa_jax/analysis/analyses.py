@@ -10,7 +10,6 @@ from the paper's setting (rank 4, block 20) as Δ columns.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from iqa_jax.analysis import report
-from iqa_jax.runs.folder import HISTORY, read_jsonl
+from iqa_jax.runs.folder import CONFIG, HISTORY, read_json, read_jsonl
 
 # Table 4 / S3 group the datasets: synthetic distortions and AI-generated images vs in the wild.
 SYNTHETIC = ("agiqa1k", "agiqa3k", "kadid10k", "demo")
@@ -63,8 +62,11 @@ def published_table5() -> list[tuple[str, str, list[float]]]:
 
 
 def load_runs(results: Sequence[str | Path]) -> list[dict]:
-  """Run rows of one or more results.jsonl, each with its run folder's config as '_config' and
-  its per-epoch log as '_history'."""
+  """Run rows of one or more results.jsonl, each with its config as '_config' (as the row
+  records it, else its run folder's config.json) and its per-epoch log as '_history'.
+
+  A row with neither stops with one line naming the missing folder: filling in defaults would
+  label runs with settings they were not trained with."""
   rows = []
   for path in results:
     path = Path(path)
@@ -73,10 +75,17 @@ def load_runs(results: Sequence[str | Path]) -> list[dict]:
       if row.get("kind", "run") != "run":
         continue
       workdir = root / row.get("workdir", "")
-      cfg = workdir / "config.json"
-      row = dict(row, _config=json.loads(cfg.read_text()) if cfg.is_file() else {},
-                 _history=read_jsonl(workdir / HISTORY) if row.get("workdir") else [])
-      rows.append(row)
+      config = row.get("config")
+      if config is None:
+        if not (workdir / CONFIG).is_file():
+          raise FileNotFoundError(
+              f"{path}: run {row.get('workdir', '?')} has no {CONFIG} in {workdir} (moved or "
+              f"deleted?), and its row records no config, so its settings are unknown. Put the "
+              f"run folder back, or rerun `python -m iqa_jax.experiments` with the same --out to "
+              f"rewrite results.jsonl (its rows now record each run's config).")
+        config = read_json(workdir / CONFIG)
+      rows.append(dict(row, _config=config,
+                       _history=read_jsonl(workdir / HISTORY) if row.get("workdir") else []))
   return rows
 
 
@@ -151,8 +160,10 @@ def finetune_table(rows: list[dict]) -> report.Table:
       if not mine:
         continue
       members[mode] = len(body)
+      ranks = sorted({int(_model_field(r, "lora", {}).get("rank", 4)) for r in mine})
+      lora = f"LoRA (r={', '.join(map(str, ranks))})"
       body.append([f"SigLIP2 + {HEAD_NAME.get(head, report.act_pair(head))} MLP",
-                   {"frozen": "Frozen", "lora": "LoRA (r=4)", "full": "Full FT"}[mode]]
+                   {"frozen": "Frozen", "lora": lora, "full": "Full FT"}[mode]]
                   + [_mean_over_seeds([r for r in mine if r["dataset"] == d], m)
                      for d in datasets for m in ("srcc", "plcc")])
     pairs.append([members[m] for m in ("frozen", "lora") if m in members])
@@ -193,7 +204,7 @@ def compute_table(rows: list[dict]) -> report.Table:
   body, seen = [], set()
   for r in rows:
     key = (r["model"], r["head"])
-    if key in seen or not r["_config"]:
+    if key in seen:
       continue
     seen.add(key)
     p = compute_profile(ml_collections.ConfigDict(r["_config"]))

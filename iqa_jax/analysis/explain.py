@@ -186,6 +186,18 @@ def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
   return written
 
 
+def score_overlays(workdir: str, paths: Sequence[str], which: str = "best") -> list[np.ndarray]:
+  """The score's Grad-CAM over each image as shown, uint8 (H, W, 3) (the gallery's overlays)."""
+  from iqa_jax.score import load_run
+  loaded = load_run(workdir, which)
+  inputs = _model_inputs(loaded, paths)
+  if len({x.shape for x, _ in inputs}) == 1:  # one batch: the module is found and traced once
+    maps = gradcam(loaded.model, loaded.params, jnp.concatenate([x for x, _ in inputs]))[0]
+  else:
+    maps = [gradcam(loaded.model, loaded.params, x)[0][0] for x, _ in inputs]
+  return [overlay(image, np.asarray(m)) for m, (_, image) in zip(maps, inputs, strict=True)]
+
+
 def over_training(workdir: str, paths: Sequence[str], epochs: Sequence[int] = ()
                   ) -> tuple[list[dict], list[np.ndarray]]:
   """Grad-CAM of the score with the params kept after each epoch (Figure S6), or after the
@@ -258,6 +270,8 @@ def tsne_panel(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple
   return emb, float(score)
 
 
+# Fewer points than this leave t-SNE's perplexity or the silhouette (2 .. n-1 labels) undefined.
+MIN_PER_SPLIT = 10
 STAGES = (("feature", "encoder"), ("hidden1", "head layer 1"), ("hidden2", "head layer 2"))
 
 
@@ -341,10 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="command", required=True)
   g = sub.add_parser("gradcam", help="Grad-CAM overlays of images for a run")
-  g.add_argument("--workdir", required=True)
-  g.add_argument("--out", required=True)
+  g.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
+  g.add_argument("--out", required=True, help="folder for the PNGs")
   g.add_argument("--groups", default="", help="feature bands, e.g. top10,top50,10-30")
-  g.add_argument("--which", default="best", choices=("best", "last"))
+  g.add_argument("--which", default="best", choices=("best", "last"),
+                 help="checkpoint: best validation epoch or the last one")
   g.add_argument("--over-training", action="store_true",
                  help="one row per epoch kept by --config.keep_epoch_checkpoints (Figure S6)")
   g.add_argument("--epochs", default="", help="with --over-training: the 1-based epochs to "
@@ -352,11 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   g.add_argument("images", nargs="+", help="files, folders, globs or @list.txt")
   t = sub.add_parser("tsne", help="t-SNE of encoder feature and head layers, with silhouettes")
   t.add_argument("--workdir", required=True, help="RUN or RUN1,RUN2,...")
-  t.add_argument("--out", required=True)
-  t.add_argument("--per-split", type=int, default=400, help="images drawn per split")
-  t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--out", required=True, help="folder for tsne.png and tsne_silhouette.csv")
+  t.add_argument("--per-split", type=int, default=400,
+                 help=f"images drawn per split (at least {MIN_PER_SPLIT})")
+  t.add_argument("--seed", type=int, default=0, help="t-SNE and sampling seed")
   a = ap.parse_args(argv)
   try:
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+      raise ValueError(f"--out {a.out} is a file; {a.command} writes its PNG and CSV into a "
+                       f"folder: pass a new or existing folder")
+    if a.command == "tsne" and a.per_split < MIN_PER_SPLIT:
+      raise ValueError(f"--per-split {a.per_split}: t-SNE and the silhouette score need at least "
+                       f"{MIN_PER_SPLIT} images per split (default 400)")
     if a.command == "gradcam":
       from iqa_jax.inference.score_csv import expand_inputs
       groups = [x for x in a.groups.split(",") if x]

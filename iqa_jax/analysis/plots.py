@@ -7,10 +7,12 @@ Figures are drawn on matplotlib's Agg canvas directly, so pyplot's global state 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +20,15 @@ from matplotlib.figure import Figure
 
 from iqa_jax import metrics
 from iqa_jax.analysis import report
+from iqa_jax.runs.folder import HISTORY, read_jsonl
 
 HEAD_COLORS = {"baseline": "tab:blue", "sigmoid": "tab:orange", "gated": "tab:green"}
 
 
 def read_history(workdir: str | Path) -> list[dict]:
-  f = Path(workdir) / "history.jsonl"
-  if not f.exists():
-    return []
-  return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+  """history.jsonl's epochs; a cut line is one error naming the file and line."""
+  return read_jsonl(Path(workdir) / HISTORY, "Plot after the run's next epoch rewrites it, or "
+                    "restore it from a backup.")
 
 
 def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -203,19 +205,31 @@ def plot_matrix(rows: list[dict], out: str | Path) -> list[Path]:
   return [path] if path else []
 
 
-def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1:
-    print(__doc__, file=sys.stderr)
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m iqa_jax.plots", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("folder", help="a run folder (made by iqa_jax.train) or a run matrix folder "
+                  "(holding results.jsonl, made by iqa_jax.experiments)")
+  a = ap.parse_args(argv)
+  folder = Path(a.folder)
+  try:
+    if not folder.is_dir():
+      raise FileNotFoundError(f"{folder} is not a folder: pass a run folder or a run matrix "
+                              f"folder")
+    if (folder / "results.jsonl").exists():
+      written = plot_matrix(report.load_rows(folder), folder)
+    else:
+      written = plot_run(folder)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  folder = Path(argv[0])
-  if (folder / "results.jsonl").exists():
-    written = plot_matrix(report.load_rows(folder), folder)
-  else:
-    written = plot_run(folder)
+  if not written:
+    print(f"error: {folder} holds nothing to plot (no history.jsonl, val_predictions.csv or "
+          f"results.jsonl rows)", file=sys.stderr)
+    return 1
   for p in written:
     print(p)
-  return 0 if written else 1
+  return 0
 
 
 if __name__ == "__main__":

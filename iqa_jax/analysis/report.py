@@ -1,4 +1,5 @@
 """Paper-style tables from a results store: python -m iqa_jax.report DIR/results.jsonl --table 1
+(and one HTML page of a run's or a score CSV's images: python -m iqa_jax.report gallery --help)
 
 Tables 1/2 (model x dataset SRCC / raw PLCC; Table 1 the baseline and +Sig heads, Table 2 the
 gated head), S2 (their standard deviations over seeds), 3 (cross-dataset SRCC), S4 (its standard
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from iqa_jax.models.head import resolve_head
+from iqa_jax.runs.folder import read_jsonl
 
 TABLES = ("1", "2", "S2", "3", "S4", "6")
 ACT_NAMES = {"lrelu": "LReLU", "relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "sigmoid": "Sig",
-             "gated": "Gated"}
+             "gated": "Gated", "blend": "GatedBlend", "prelu": "PReLU"}  # the last two: agm
 # Table 3's and Table S2's names of the three heads.
 SHORT_HEAD = {"baseline": "B", "sigmoid": "B_Sig", "gated": "B_Gated"}
 LONG_HEAD = {"baseline": "", "sigmoid": " + Sigmoid", "gated": " + Activation Gating"}
@@ -40,7 +41,11 @@ def load_rows(path: str | Path) -> list[dict]:
   path = Path(path)
   if path.is_dir():
     path = path / "results.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: pass a results.jsonl written by "
+                            f"`python -m iqa_jax.experiments` (or its matrix folder)")
+  return read_jsonl(path, "Rewrite it by rerunning `python -m iqa_jax.experiments` with the same "
+                    "--out (finished runs are skipped).")
 
 
 def act_pair(head: str) -> str:

@@ -86,19 +86,27 @@ class CachedImages(Sequence):
       raise ValueError(f"{len(missing)} images (e.g. {missing[0]}) are not in the cache {cache}; "
                        "rebuild it for this dataset and data_dir.")
     self.rows = np.array([rows[p] for p in paths], np.int64)
-    self._array = None
+    self.cache, self._array = cache, None
 
   def __len__(self) -> int:
     return len(self.rows)
 
+  def _open(self) -> np.ndarray:
+    try:
+      return np.load(self.file, mmap_mode="r")
+    except (OSError, ValueError) as e:  # a cut file: "mmap length is greater than file size"
+      tool = "iqa_jax.features" if self.size is None else "iqa_jax.data.prepare"
+      raise ValueError(f"{self.file} is unreadable ({e}); it was cut or corrupted. Delete "
+                       f"{self.cache} and build it again with python -m {tool}.") from None
+
   def __getitem__(self, i: int) -> np.ndarray:
     if self._array is None:
-      self._array = np.load(self.file, mmap_mode="r")
+      self._array = self._open()
     return np.array(self._array[self.rows[i]])
 
   def to_array(self) -> np.ndarray:
     """Every row at once, (len, ...) in path order: a feature cache read into memory."""
-    return np.load(self.file, mmap_mode="r")[self.rows]
+    return self._open()[self.rows]
 
   def __getstate__(self):  # worker processes reopen the memmap instead of pickling the images
     return {**self.__dict__, "_array": None}

@@ -151,8 +151,12 @@ def read_csv(path: Path, columns: tuple[str, ...], dataset: str) -> Iterator[tup
     _check_columns(path, header, columns, dataset)
     for row in reader:
       if any(v.strip() for v in row):
-        values = (v.strip() for v in row)
-        yield f"{path.name}:{reader.line_num}", dict(zip(header, values, strict=False))
+        values = dict(zip(header, (v.strip() for v in row), strict=False))
+        where = f"{path.name}:{reader.line_num}"
+        if len(row) < len(header):  # empty cells: the MOS reads as NaN and check_records names
+          values.update((c, "") for c in header if c not in values)  # the row, or skips it
+          where += f" (short row: {len(row)} of {len(header)} cells)"
+        yield where, values
 
 
 def read_xlsx(path: Path, columns: tuple[str, ...], dataset: str) -> Iterator[tuple[str, dict]]:
@@ -178,9 +182,11 @@ def number(value: Any) -> float:
     return math.nan
 
 
-def make_record(dataset: str, path: Path, raw_mos: Any, row: str, **extras) -> Record:
-  """Normalises as App. B: (raw - offset) / scale, e.g. KonIQ y/5, KADID (y - 1)/4."""
-  scale, offset = MOS_SCALES[dataset]
+def make_record(dataset: str, path: Path, raw_mos: Any, row: str,
+                scale: tuple[float, float] | None = None, **extras) -> Record:
+  """Normalises as App. B: (raw - offset) / scale, e.g. KonIQ y/5, KADID (y - 1)/4; `scale`
+  (scale, offset) replaces MOS_SCALES[dataset]."""
+  scale, offset = scale or MOS_SCALES[dataset]
   raw = number(raw_mos)
   return Record(str(path), (raw - offset) / scale, raw, {"row": row, **extras})
 

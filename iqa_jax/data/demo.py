@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from iqa_jax.data import datasets
 from iqa_jax.data.records import Record
 
 # Real photographs in skimage/data (no download). Grayscale ones exercise the L -> RGB path.
@@ -122,13 +123,15 @@ def load(data_dir: str, distortions: str = "", **_) -> list[Record]:
   keep = {d.strip() for d in distortions.split(",") if d.strip()}
   names = {f"{d:02d}": n for d, (n, _) in DISTORTIONS.items()}
   records = []
-  with open(folder / "dmos.csv", newline="") as f:
-    for row in csv.DictReader(f):
-      dist = names[row["dist_img"].split("_")[1]]
-      if keep and dist not in keep:
-        continue
-      dmos = float(row["dmos"])
-      records.append(Record(str((folder / "images" / row["dist_img"]).resolve()),
-                            (dmos - 1.0) / 4.0, dmos,
-                            {"ref_img": row["ref_img"], "distortion": dist}))
+  for row, v in datasets.read_csv(folder / "dmos.csv", ("dist_img", "ref_img", "dmos"), "demo"):
+    parts = v["dist_img"].split("_")  # I01_02_03_c01.png: photo, distortion, level, crop
+    dist = names.get(parts[1]) if len(parts) == 4 else None
+    if dist is None:
+      raise ValueError(f"demo: {folder / 'dmos.csv'}, {row}: dist_img {v['dist_img']!r} is not "
+                       f"a demo image name (I<photo>_<distortion 01-04>_<level>_c<crop>.png); "
+                       f"delete {folder} to rebuild the demo set.")
+    if keep and dist not in keep:
+      continue
+    records.append(datasets.make_record("demo", (folder / "images" / v["dist_img"]).resolve(),
+                                        v["dmos"], row, ref_img=v["ref_img"], distortion=dist))
   return records

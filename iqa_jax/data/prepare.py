@@ -131,18 +131,23 @@ def _options(pairs: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m iqa_jax.data.prepare",
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--dataset", required=True, help=f"one of {sorted(datasets.REGISTRY)}")
-  parser.add_argument("--data_dir", required=True)
-  parser.add_argument("--out", required=True)
+  parser.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True,
+                      help="the dataset's release folder (docs/datasets.md)")
+  parser.add_argument("--out", required=True, help="folder of the cache (images.npy, index.json)")
   parser.add_argument("--size", type=int, default=512, help="square side (§3.1: 512)")
   parser.add_argument("--resample", default="bilinear", choices=pp.RESAMPLE_FILTERS,
                       help="as the backbone's processor")
-  parser.add_argument("--on_error", default="raise", choices=("raise", "skip"))
-  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--on-error", "--on_error", dest="on_error", default="raise",
+                      choices=("raise", "skip"), help="an unreadable image or bad annotation "
+                      "row: stop (raise), or leave it out and list it in skipped.json (skip)")
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                      help="decoding threads (default: the CPU count)")
   parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                       help="adapter option, e.g. resolution=512x384 or drop_practice=false")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   try:
     if args.size < 1 or args.threads < 1:

@@ -35,3 +35,13 @@ class RecordSource(Sequence):
   def __getitem__(self, i: int) -> dict:
     r = self._records[i]
     return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}
+
+
+def mos_scale(data_config) -> tuple[float, float]:
+  """(scale, offset) of config.data: MOS_SCALES, with KonIQ's data.options.koniq_mos_divisor
+  (the official code divides KonIQ's 1-5 MOS by 100)."""
+  scale = MOS_SCALES.get(data_config.name, (1.0, 0.0))
+  if data_config.name == "koniq10k":
+    divisor = (data_config.get("options") or {}).get("koniq_mos_divisor", scale[0])
+    scale = (float(divisor), 0.0)
+  return scale

@@ -1,6 +1,6 @@
 """Evaluate a trained run on the whole of another dataset (Table 3 protocol).
 
-python -m iqa_jax.evaluate --workdir RUN --dataset clive --data_dir /data/clive [--out DIR]
+python -m iqa_jax.evaluate --workdir RUN --dataset clive --data-dir /data/clive [--out DIR]
 Writes `eval_<dataset>.json` (metrics) and `eval_<dataset>.csv` (path, mos, pred) in --out.
 """
 from __future__ import annotations
@@ -86,30 +86,55 @@ def data_config_for(run_config, name: str, data_dir: str, options: dict | None =
   return d
 
 
-def main(argv=None) -> int:
+def check_demo_folder(data_dir: str) -> None:
+  """`evaluate --dataset demo` reads a demo set that exists; it never builds one (11,200 images)
+  in a folder the user may have mistyped."""
+  if not (Path(data_dir) / "dmos.csv").is_file():
+    raise ValueError(
+        f"--data-dir {data_dir} holds no demo set (no dmos.csv); evaluate does not build one. "
+        f"Pass the folder the demo was built in (configs/demo.py: demo_data), or build it first: "
+        f"python -c \"from iqa_jax.data.demo import build_demo; build_demo('{data_dir}')\"")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m iqa_jax.evaluate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
+  ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train (an "
+                  "exported model is scored with iqa_jax.score instead)")
   ap.add_argument("--dataset", required=True, help="clive, koniq10k, kadid10k, flive, spaq, "
                   "agiqa3k, agiqa1k, csv or demo")
-  ap.add_argument("--data_dir", default="", help="the release folder (with --source tfds: "
-                  "optional, checked to be the release the build came from)")
+  ap.add_argument("--data-dir", "--data_dir", dest="data_dir", default="",
+                  help="the release folder (with --source tfds: optional, checked to be the "
+                  "release the build came from); for demo, a folder that already holds the "
+                  "demo set (it is not built here)")
   ap.add_argument("--source", default=None, choices=("files", "tfds"),
                   help="read the release folder or a TFDS build (default: as the run did)")
-  ap.add_argument("--tfds_dir", default=None, help="TFDS data dir (default: as the run did)")
-  ap.add_argument("--option", action="append", default=[], help="adapter option k=v")
-  ap.add_argument("--which", default="best", choices=("best", "last"))
+  ap.add_argument("--tfds-dir", "--tfds_dir", dest="tfds_dir", default=None,
+                  help="TFDS data dir (default: as the run did)")
+  ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                  help="adapter option (repeatable), e.g. resolution=512x384")
+  ap.add_argument("--which", default="best", choices=("best", "last"),
+                  help="checkpoint: best validation epoch or the last one")
   ap.add_argument("--out", default=None, help="output folder (default: the run folder)")
-  ap.add_argument("--batch-size", type=int, default=None)
-  ap.add_argument("--on_error", default="raise", choices=("raise", "skip"))
+  ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                  help="images per forward pass (default: the run's eval_batch_size)")
+  ap.add_argument("--on-error", "--on_error", dest="on_error", default="raise",
+                  choices=("raise", "skip"),
+                  help="an unreadable image or bad annotation row: stop (raise) or skip and "
+                  "count it (listed in eval_<dataset>_skipped.csv)")
   a = ap.parse_args(argv)
   try:
     run_config = run_folder.read_config(a.workdir)
+    bad = [kv for kv in a.option if "=" not in kv]
+    if bad:
+      raise ValueError(f"--option {bad[0]!r}: write KEY=VALUE, e.g. --option resolution=512x384")
     options = dict(kv.split("=", 1) for kv in a.option)
     dc = data_config_for(run_config, a.dataset, a.data_dir, options, a.on_error, a.source,
                          a.tfds_dir)
     if dc.source == "files" and not dc.dir:
-      raise ValueError("pass --data_dir (the release folder), or --source tfds to read a build.")
+      raise ValueError("pass --data-dir (the release folder), or --source tfds to read a build.")
+    if dc.source == "files" and a.dataset == "demo":
+      check_demo_folder(dc.dir)
     r = evaluate_run(a.workdir, dc, a.which, a.out, a.batch_size, progress=True)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

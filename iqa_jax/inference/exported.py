@@ -7,6 +7,8 @@ MODEL_DIR holds `model.safetensors` (backbone and head; each LoRA update folded 
 weight, W + (alpha/r) A B, unless --no-merge-lora), `config.json` (architecture, head,
 preprocessing, test-time view, MOS scale, format version) and a model card `README.md`.
 Loading it (`Scorer.from_pretrained(MODEL_DIR)`) needs neither the base checkpoint nor torch.
+MODEL_DIR must be new, empty, or an earlier export (config.json's written_by); anything else is
+refused before the run is read.
 """
 from __future__ import annotations
 
@@ -24,11 +26,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax.inference.loaded import LoadedModel, load_run
+from iqa_jax.data import pp
+from iqa_jax.inference.loaded import VIEWS, LoadedModel, load_run
+from iqa_jax.models.lora import LORA_MODES
 from iqa_jax.runs import checkpoint
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+WRITTEN_BY = "iqa_jax.export"  # config.json's marker: a folder export may replace
+# config.json's keys before the marker was written (kept replaceable: exactly this schema).
+_LEGACY_KEYS = {"format_version", "model", "preprocessing", "pp", "input_size", "view",
+                "mos_scale", "dataset", "lora", "weights_dtype", "source"}
 
 
 class ExportError(ValueError):
@@ -123,14 +131,11 @@ def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "flo
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   out_dir = Path(out)
-  if out_dir.exists() and (not out_dir.is_dir() or (
-      any(out_dir.iterdir()) and not (out_dir / CONFIG).exists())):
-    raise ValueError(f"--out {out_dir} exists and is not an exported model folder; remove it or "
-                     f"pass another --out")
+  check_replaceable(out_dir)
   loaded = load_run(workdir, which)
   config = loaded.info["config"]
   lora = dict(config["model"].get("lora") or {})
-  has_lora = config["model"].get("finetune") == "lora"
+  has_lora = config["model"].get("finetune") in LORA_MODES
   merged = merge and has_lora
   params = jax.device_get(loaded.params)
   if merged:
@@ -143,6 +148,7 @@ def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "flo
                and np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
   exported = {
       "format_version": FORMAT_VERSION,
+      "written_by": WRITTEN_BY,
       "model": exported_model_config(config["model"], loaded.model.backbone, merged),
       "preprocessing": loaded.info["preprocessing"],
       "pp": loaded.pp_str,
@@ -160,6 +166,31 @@ def export_run(workdir: str, out: str, *, which: str = "best", dtype: str = "flo
   return out_dir
 
 
+def check_replaceable(out_dir: Path) -> None:
+  """--out must be new, empty, or a folder export wrote holding only export's files; anything
+  else (a run, an HF checkpoint, user files in an export) is refused before anything is read."""
+  if not out_dir.exists() and not out_dir.is_symlink():
+    return
+  def refuse(why: str):
+    raise ValueError(f"--out {out_dir} {why}; export replaces only a folder it wrote: pass a new "
+                     f"--out")
+  if out_dir.is_symlink() or not out_dir.is_dir():
+    refuse("is not a folder")
+  entries = sorted(p.name for p in out_dir.iterdir())
+  if not entries:
+    return
+  other = [e for e in entries if e not in (WEIGHTS, CONFIG, CARD)]
+  if other:
+    refuse(f"holds {out_dir / other[0]}, which export did not write ({len(other)} such)")
+  try:
+    cfg = json.loads((out_dir / CONFIG).read_text())
+  except (OSError, ValueError):
+    refuse(f"has no readable {CONFIG} of an export")
+  if not isinstance(cfg, dict) or not (cfg.get("written_by") == WRITTEN_BY
+                                       or set(cfg) == _LEGACY_KEYS):
+    refuse(f"holds a {CONFIG} that export did not write")
+
+
 def _write_folder(out_dir: Path, tensors: dict, exported: dict, card: str) -> None:
   """All three files appear at once: written in a sibling folder, then renamed into place."""
   from safetensors.numpy import save_file
@@ -168,6 +199,9 @@ def _write_folder(out_dir: Path, tensors: dict, exported: dict, card: str) -> No
   tmp.mkdir(parents=True)
   save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "iqa_jax",
                                                    "format_version": str(FORMAT_VERSION)})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; the rest are 0644
   (tmp / CONFIG).write_text(json.dumps(exported, indent=2))
   (tmp / CARD).write_text(card)
   old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
@@ -246,6 +280,9 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
   """An exported folder -> LoadedModel, checking the format version and every tensor."""
   folder = Path(folder)
   cfg = _read_json(folder / CONFIG)
+  if not isinstance(cfg, dict):
+    raise ExportError(f"{folder / CONFIG} holds a JSON {type(cfg).__name__}, not the object "
+                      f"export writes; export the model again")
   version = cfg.get("format_version")
   if not isinstance(version, int):
     raise ExportError(f"{folder / CONFIG} has no format_version: not a folder written by "
@@ -253,7 +290,12 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
   if version > FORMAT_VERSION:
     raise ExportError(f"{folder / CONFIG}: format_version {version} is newer than this iqa_jax "
                       f"reads ({FORMAT_VERSION}); upgrade iqa_jax to load it")
-  model, template = build_exported_model(cfg)
+  _check_fields(folder / CONFIG, cfg)
+  try:
+    model, template = build_exported_model(cfg)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ExportError(f"{folder / CONFIG}: its model or preprocessing cannot be built ({e}); "
+                      f"export the model again") from None
   weights = folder / WEIGHTS
   tensors = _read_tensors(weights)
   wanted = checkpoint.flatten(template)
@@ -264,6 +306,13 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
     if tuple(tensors[key].shape) != tuple(shape.shape):
       raise ExportError(f"{weights}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                         f"config.json's model needs {tuple(shape.shape)}; export the model again")
+    dtype = str(tensors[key].dtype)
+    allowed = ("float32", "bfloat16") if key.startswith("backbone.") and cfg.get(
+        "weights_dtype") == "bfloat16" else ("float32",)
+    if dtype not in allowed:
+      raise ExportError(f"{weights}: tensor {key!r} is {dtype}, config.json's weights_dtype "
+                        f"{cfg.get('weights_dtype')!r} needs {' or '.join(allowed)}; export the "
+                        f"model again")
   extra = sorted(set(tensors) - set(wanted))
   if extra:
     raise ExportError(f"{weights}: tensor {extra[0]!r} is not part of the model config.json "
@@ -279,6 +328,36 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
                      info={"dataset": cfg.get("dataset"), "source": str(folder), "exported": cfg})
 
 
+def _check_fields(path: Path, cfg: dict) -> None:
+  """The fields scoring reads, checked against each other: the pp string must give
+  input_size x input_size images (an edited input_size would shift every score)."""
+  def bad(field: str, why: str):
+    raise ExportError(f"{path}: field {field!r} {why}; export the model again")
+  for field, kind in (("pp", str), ("input_size", int), ("model", dict),
+                      ("preprocessing", dict)):
+    if field not in cfg:
+      bad(field, "is missing")
+    if not isinstance(cfg[field], kind) or isinstance(cfg[field], bool):
+      bad(field, f"is a {type(cfg[field]).__name__}, not a {kind.__name__}")
+  view = cfg.get("view", {})
+  if not isinstance(view, dict) or view.get("kind", "resize") not in VIEWS or not isinstance(
+      view.get("crops", 3), int) or view.get("crops", 3) < 1:
+    bad("view", f"is {view!r}, not {{'kind': one of {VIEWS}, 'crops': N >= 1}}")
+  scale = cfg.get("mos_scale", [1.0, 0.0])
+  if not (isinstance(scale, list) and len(scale) == 2
+          and all(isinstance(v, (int, float)) for v in scale)):
+    bad("mos_scale", f"is {scale!r}, not [scale, offset]")
+  if cfg.get("weights_dtype", "float32") not in ("float32", "bfloat16"):
+    bad("weights_dtype", f"is {cfg['weights_dtype']!r}, not float32 or bfloat16")
+  try:
+    out = pp.get_preprocess_fn(cfg["pp"])({"image": np.zeros((37, 53, 3), np.uint8)})["image"]
+  except Exception as e:  # noqa: BLE001 - any failure of the string is the field's fault
+    bad("pp", f"is not a pp string this iqa_jax runs ({type(e).__name__}: {e})")
+  if tuple(out.shape[:2]) != (cfg["input_size"],) * 2:
+    bad("input_size", f"is {cfg['input_size']}, but the pp string {cfg['pp']!r} makes "
+        f"{out.shape[0]} x {out.shape[1]} images")
+
+
 class _OneLineParser(argparse.ArgumentParser):
   def error(self, message):  # one line and exit 2, as every user mistake
     print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -289,7 +368,8 @@ def main(argv=None) -> int:
   ap = _OneLineParser(prog="python -m iqa_jax.export", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
-  ap.add_argument("--out", required=True, help="folder to write (replaced if an earlier export)")
+  ap.add_argument("--out", required=True,
+                  help="folder to write (new, empty, or an earlier export, which is replaced)")
   ap.add_argument("--which", default="best", choices=("best", "last"))
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="backbone weights' dtype (head, gates stay float32)")

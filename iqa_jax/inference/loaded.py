@@ -6,10 +6,13 @@ import dataclasses
 from typing import Any
 
 from iqa_jax.data import pp
-from iqa_jax.data.records import MOS_SCALES
+from iqa_jax.data.records import mos_scale
 from iqa_jax.models.model import create_model
 from iqa_jax.runs import backbone, checkpoint
 from iqa_jax.runs import folder as run_folder
+
+
+VIEWS = ("resize", "crops")  # how a model looks at an image (scorer.Scorer.views)
 
 
 @dataclasses.dataclass
@@ -47,6 +50,6 @@ def load_run(workdir: str, which: str = "best") -> LoadedModel:
       model=model, params=params, pp_str=pp.run_pp(config.data, preprocessing),
       input_size=input_size(config, preprocessing),
       view=config.data.get("test_view", "resize"), crops=int(config.data.get("test_crops", 3)),
-      mos_scale=MOS_SCALES.get(config.data.name, (1.0, 0.0)),
+      mos_scale=mos_scale(config.data),
       info={"dataset": config.data.name, "source": str(workdir), "config": config.to_dict(),
             "preprocessing": dict(preprocessing)})

@@ -6,8 +6,10 @@ IMAGES are files, folders (searched recursively, symlinked folders followed), gl
 @list.txt (one path per line). Rows stream to disk as they are scored (path, score = the head's
 raw output, mos = score on the training set's scale, error); an unreadable input gets its error
 in its row and the exit status is 1. One process writes a CSV at a time (a lock, OUT.lock).
---shard K/N scores every N-th input from the K-th (K = 0..N-1), for job arrays; then
-python -m iqa_jax.score merge OUT.csv PART0.csv PART1.csv ...  joins the parts.
+Beside every CSV, OUT.meta.json records what made it (model fingerprint, view, crops, the input
+list's digest, shard K/N); --resume and merge refuse a mismatch, and --out must be a new path or
+a CSV score wrote. --shard K/N scores every N-th input from the K-th (K = 0..N-1), for job
+arrays; then  python -m iqa_jax.score merge OUT.csv PART0.csv PART1.csv ...  joins the parts.
 """
 from __future__ import annotations
 
@@ -24,10 +26,17 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from iqa_jax.inference.scorer import VIEWS, Scorer
+from iqa_jax.inference.scorer import VIEWS, Scorer, model_fingerprint
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif"}
 COLUMNS = ("path", "score", "mos", "error")
+HEADER = ",".join(COLUMNS) + "\n"
+SIDECAR = ".meta.json"          # OUT.csv.meta.json, beside every CSV score writes
+LEGACY_SIDECAR = ".shard.json"  # what shards had before: read, never written
+WRITTEN_BY = "iqa_jax.score"
+SIDECAR_KEYS = ("written_by", "model", "model_source", "view", "crops", "inputs",
+                "inputs_sha256", "shard", "of")
+LEGACY_KEYS = ("shard", "of", "inputs", "inputs_sha256")
 
 
 class UsageError(ValueError):
@@ -91,6 +100,72 @@ def parse_shard(text: str) -> tuple[int, int]:
   return k, n
 
 
+def read_sidecar(csv_path: str) -> tuple[str, dict] | None:
+  """-> (its path, its fields) for CSV_PATH.meta.json, else an older shard's CSV_PATH.shard.json;
+  None when there is neither. A sidecar that is not ours or lacks a field is refused."""
+  for suffix, keys in ((SIDECAR, SIDECAR_KEYS), (LEGACY_SIDECAR, LEGACY_KEYS)):
+    path = csv_path + suffix
+    if not os.path.exists(path):
+      continue
+    try:
+      meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      raise UsageError(f"{path} is not valid JSON; score {csv_path} again into a new "
+                       f"--out") from None
+    if not isinstance(meta, dict):
+      raise UsageError(f"{path} holds a JSON {type(meta).__name__}, not a score sidecar; score "
+                       f"{csv_path} again into a new --out")
+    missing = [k for k in keys if k not in meta]
+    if missing:
+      raise UsageError(f"{path} has no {missing[0]!r} field ({len(missing)} missing); score "
+                       f"{csv_path} again into a new --out")
+    if suffix == SIDECAR and meta["written_by"] != WRITTEN_BY:
+      raise UsageError(f"{path}: written_by {meta['written_by']!r}, not {WRITTEN_BY!r}; pass "
+                       f"another --out")
+    return path, meta
+  return None
+
+
+def _first_line(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(len(HEADER))
+
+
+def check_out(out: str, inputs: Sequence[str] = (), what: str = "--out",
+              role: str = "inputs") -> None:
+  """A CSV is written only to a new path or over a CSV score wrote (our exact header and our
+  sidecar): an image, a keep.txt or a dataset's dmos.csv is refused before anything is read."""
+  real = os.path.realpath(out)
+  name = os.path.basename(real)  # realpath only where it can match: inputs may be 100k paths
+  clash = next((p for p in inputs if (os.path.basename(p) == name or os.path.islink(p))
+                and os.path.realpath(p) == real), None)
+  if clash is not None:
+    raise UsageError(f"{what} {out} is one of the {role} ({clash}); pass another {what}")
+  if not os.path.lexists(out):
+    return
+  if not os.path.isfile(out):
+    raise UsageError(f"{what} {out} is not a regular file; pass another {what}")
+  first = _first_line(out)
+  if first != HEADER.encode():
+    shown = first.split(b"\n")[0].decode(errors="replace")[:40]
+    raise UsageError(f"{what} {out} is not a score CSV (first line {shown!r}, expected "
+                     f"{HEADER.strip()}); score writes only a new file or a CSV it wrote: pass "
+                     f"another {what}")
+  if read_sidecar(out) is None:
+    raise UsageError(f"{what} {out} has no sidecar {out + SIDECAR}, so score did not write it "
+                     f"(or wrote it before sidecars); pass another {what}, or delete it yourself")
+
+
+def check_sidecar_matches(side: str, old: dict, new: dict, fields: Sequence[str], fix: str,
+                          new_name: str = "this command's") -> None:
+  """Names the first field in which `old` (read from `side`) differs from `new`."""
+  missing = "(not recorded)"
+  for field in fields:
+    if old.get(field, missing) != new.get(field, missing):
+      raise UsageError(f"{side}: field {field!r} is {old.get(field, missing)!r}, {new_name} is "
+                       f"{new.get(field, missing)!r}; {fix}")
+
+
 @contextlib.contextmanager
 def csv_lock(out: str):
   """Holds OUT.lock (flock) while `out` is written: a second writer is refused, and a killed
@@ -131,7 +206,7 @@ def read_score_csv(out: str) -> tuple[list[list[str]], bool]:
     rows = rows[:-1]
   if not rows or tuple(rows[0]) != COLUMNS:
     raise UsageError(f"{out} is not a score CSV (first line {','.join(rows[0]) if rows else ''!r},"
-                     f" expected {','.join(COLUMNS)}); pass another --out or drop --resume")
+                     f" expected {','.join(COLUMNS)}); pass another --out")
   for n, row in enumerate(rows[1:], start=2):
     if len(row) != len(COLUMNS):
       raise UsageError(f"{out} line {n}: {len(row)} fields, expected {len(COLUMNS)}; fix or "
@@ -179,7 +254,7 @@ def _inputs_digest(paths: Sequence[str]) -> str:
 
 
 def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int = 32,
-                which: str = "best", resume: bool = False, workers: int = 4,
+                which: str | None = None, resume: bool = False, workers: int = 4,
                 progress: bool = True, view: str | None = None, crops: int | None = None,
                 shard: tuple[int, int] | None = None) -> dict:
   """Scores `paths` with `model` (a run folder or an exported folder) into the CSV `out`.
@@ -189,14 +264,27 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
   """
   check_arguments(out, batch_size, workers, crops, view)
   paths = list(dict.fromkeys(paths))
+  check_out(out, paths)
   digest, n_all = _inputs_digest(paths), len(paths)
-  if shard is not None:
-    paths = paths[shard[0]::shard[1]]
+  k, n = shard or (0, 1)
+  paths = paths[k::n]
   Path(out).parent.mkdir(parents=True, exist_ok=True)
   with csv_lock(out):
-    old_rows, cut = read_score_csv(out) if resume and os.path.exists(out) else ([], False)
+    old = read_sidecar(out) if resume and os.path.exists(out) else None
+    old_rows, cut = read_score_csv(out) if old else ([], False)
     scorer = Scorer.from_pretrained(model, which=which, batch_size=batch_size, view=view,
                                     crops=crops)
+    meta = {"written_by": WRITTEN_BY, "model": model_fingerprint(scorer.loaded),
+            "model_source": str(model), "view": scorer.view,
+            "crops": scorer.crops if scorer.view == "crops" else None,
+            "inputs": n_all, "inputs_sha256": digest, "shard": k, "of": n,
+            "about": describe_model(model, which, scorer)}
+    if old:  # an unsharded CSV may grow its input list; a shard is a slice of one list
+      check_sidecar_matches(
+          old[0], old[1], meta, ("model", "view", "crops", "shard", "of")
+          + (("inputs", "inputs_sha256") if n > 1 else ()),
+          "--resume continues the command that wrote it: pass that command's flags, or another "
+          "--out")
     wanted = set(paths)
     redo = {r[0] for r in old_rows if not _is_scored(r) and r[0] in wanted}
     if cut:
@@ -204,13 +292,8 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
     kept = [r for r in old_rows if r[0] not in redo]
     done = {r[0] for r in kept}
     todo = [p for p in paths if p not in done]
-    if resume:
-      _write_rows(out, kept)  # the cut line and the rows to retry go; the rest stays
-    else:
-      _write_rows(out, [])
-    if shard is not None:
-      _write_json(out + ".shard.json", {"shard": shard[0], "of": shard[1], "inputs": n_all,
-                                        "inputs_sha256": digest})
+    _write_rows(out, kept)  # resume: the cut line and the rows to retry go; the rest stays
+    _write_sidecar(out, meta)
     summary = _stream_rows(scorer, todo, out, workers, progress)
     summary.update(kept=len(kept), rescored=len(redo & set(todo)), inputs=len(paths))
     if resume and redo:  # retried rows were appended: put the CSV back in input order
@@ -219,6 +302,20 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
       rows.sort(key=lambda r: order.get(r[0], len(order)))
       _write_rows(out, rows)
   return summary
+
+
+def describe_model(model: str, which: str | None, scorer: Scorer) -> dict:
+  """The sidecar's `about`: the model that made a CSV in words (the gallery page shows it)."""
+  info = scorer.loaded.info
+  exported = info.get("exported")
+  config = exported or info.get("config") or {}
+  m = config.get("model", {})
+  source = (exported.get("source") or {}) if exported else {}
+  return {"path": str(Path(model).resolve()), "kind": "exported" if exported else "run",
+          "checkpoint": source.get("checkpoint") if exported else (which or "best"),
+          "run": source.get("run") if exported else str(Path(model).resolve()),
+          "dataset": info.get("dataset"), "backbone": m.get("backbone"), "head": m.get("head"),
+          "finetune": m.get("finetune")}
 
 
 def _cut_path(out: str) -> str:
@@ -232,6 +329,13 @@ def _write_json(path: str, obj: dict) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   Path(tmp).write_text(json.dumps(obj, indent=2))
   os.replace(tmp, path)
+
+
+def _write_sidecar(out: str, meta: dict) -> None:
+  """OUT.meta.json, atomically; an older shard's OUT.shard.json beside it goes."""
+  _write_json(out + SIDECAR, meta)
+  with contextlib.suppress(FileNotFoundError):
+    os.unlink(out + LEGACY_SIDECAR)
 
 
 def _stream_rows(scorer: Scorer, todo: Sequence[str], out: str, workers: int,
@@ -262,23 +366,22 @@ def merge_parts(out: str, parts: Sequence[str]) -> int:
   """Joins the CSVs of `--shard K/N` runs into `out` in input order, checking that the parts
   are the N shards of one input list and that every input appears exactly once. -> rows."""
   check_arguments(out, 1, 1, None, None)
+  check_out(out, parts, what="merge OUT", role="parts")
   metas = []
   for part in parts:
-    side = part + ".shard.json"
     if not os.path.exists(part):
       raise UsageError(f"{part} not found")
-    if not os.path.exists(side):
-      raise UsageError(f"{side} not found: {part} was not written by `score --shard K/N`")
-    try:
-      metas.append(json.loads(Path(side).read_text()))
-    except json.JSONDecodeError:
-      raise UsageError(f"{side} is not valid JSON; score that shard again") from None
+    found = read_sidecar(part)
+    if found is None:
+      raise UsageError(f"{part + SIDECAR} not found: {part} was not written by `score --shard "
+                       f"K/N`")
+    metas.append(found[1])
   n = metas[0]["of"]
-  for part, m in zip(parts, metas, strict=True):
-    if (m["of"], m["inputs"], m["inputs_sha256"]) != (n, metas[0]["inputs"],
-                                                      metas[0]["inputs_sha256"]):
-      raise UsageError(f"{part} is shard {m['shard']}/{m['of']} of another input list than "
-                       f"{parts[0]}; merge parts of one `score --shard` job only")
+  fields = [f for f in ("model", "view", "crops", "of", "inputs", "inputs_sha256")
+            if any(f in m for m in metas)]  # an older part records fewer: compare what any has
+  for part, m in zip(parts[1:], metas[1:], strict=True):
+    check_sidecar_matches(read_sidecar(part)[0], m, metas[0], fields,
+                          "merge parts of one `score --shard` job only", f"{parts[0]}'s")
   got = sorted(m["shard"] for m in metas)
   if got != list(range(n)):
     missing = sorted(set(range(n)) - set(got))
@@ -300,9 +403,12 @@ def merge_parts(out: str, parts: Sequence[str]) -> int:
       seen[r[0]] = part
     by_shard[m["shard"]] = rows
   merged = [by_shard[i % n][i // n] for i in range(total)]
+  meta = {k: metas[0].get(k) for k in SIDECAR_KEYS + ("about",)}
+  meta.update(written_by=WRITTEN_BY, shard=0, of=1)
   Path(out).parent.mkdir(parents=True, exist_ok=True)
   with csv_lock(out):
     _write_rows(out, merged)
+    _write_sidecar(out, meta)
   return len(merged)
 
 
@@ -315,7 +421,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def _merge_main(argv) -> int:
   ap = _OneLineParser(prog="python -m iqa_jax.score merge",
                       description="Join the CSVs of `score --shard K/N` runs.")
-  ap.add_argument("out", help="merged CSV to write")
+  ap.add_argument("out", help="merged CSV to write: a new path or a CSV score wrote")
   ap.add_argument("parts", nargs="+", help="the N part CSVs")
   a = ap.parse_args(argv)
   try:
@@ -337,8 +443,10 @@ def main(argv=None) -> int:
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="run folder made by iqa_jax.train")
   src.add_argument("--model", help="model folder made by iqa_jax.export")
-  ap.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
-  ap.add_argument("--which", default="best", choices=("best", "last"))
+  ap.add_argument("--out", default="scores.csv",
+                  help="CSV to write: a new path or a CSV score wrote (default scores.csv)")
+  ap.add_argument("--which", default=None, choices=("best", "last"),
+                  help="a run folder's checkpoint (default best); refused for an exported model")
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--workers", type=int, default=4, help="decoding threads")
   ap.add_argument("--view", default=None, choices=VIEWS,
@@ -353,7 +461,7 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   try:
     check_arguments(a.out, a.batch_size, a.workers, a.crops, a.view)
-    shard = parse_shard(a.shard) if a.shard else None
+    shard = parse_shard(a.shard) if a.shard is not None else None
     paths = expand_inputs(a.images)
     if not paths:
       raise UsageError(f"no images found in {' '.join(a.images)}")
@@ -367,7 +475,8 @@ def main(argv=None) -> int:
         + (f", kept {summary['kept']}, rescored {summary['rescored']}" if a.resume else "")
         + f" -> {a.out}")
   if summary["failed"]:
-    print(f"{summary['failed']} input(s) could not be scored; see the 'error' column of {a.out}",
+    print(f"{summary['failed']} input(s) could not be scored; see the 'error' column of {a.out}"
+          f"; fix or remove those files, then the same command with --resume scores only them",
           file=sys.stderr)
     return 1 if a.fail_on_error else 0
   return 0

@@ -8,7 +8,9 @@ the way it looks at an image at test time, which is part of the model:
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,10 +24,9 @@ from iqa_jax import parallel
 from iqa_jax.data import images as image_io
 from iqa_jax.data import pp
 from iqa_jax.inference.exported import load_exported
-from iqa_jax.inference.loaded import LoadedModel, load_run
+from iqa_jax.inference.loaded import VIEWS, LoadedModel, load_run
 from iqa_jax.models.model import make_eval_step
 
-VIEWS = ("resize", "crops")
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: UP007 - runtime alias
 
 
@@ -46,14 +47,19 @@ def crop_corners(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
 
 def native_crops(image: np.ndarray, size: int, n: int, resample: str = "bilinear") -> np.ndarray:
   """uint8 (H, W, 3) -> (n, size, size, 3) crops at native resolution. An image smaller than
-  `size` on a side is first enlarged (aspect kept) until both sides reach `size`."""
+  `size` on a side is seen as enlarged (aspect kept) until both sides reach `size`; each crop
+  is resampled from its own source box, so a 1 x 60000 strip never becomes 64 x 3.84M pixels."""
   h, w = image.shape[:2]
-  if min(h, w) < size:
-    s = size / min(h, w)
-    image = pp.get_resize((max(size, round(h * s)), max(size, round(w * s))), resample)(
-        {"image": image})["image"]
-    h, w = image.shape[:2]
-  return np.stack([image[t:t + size, x:x + size] for t, x in crop_corners(h, w, size, n)])
+  if min(h, w) >= size:
+    return np.stack([image[t:t + size, x:x + size] for t, x in crop_corners(h, w, size, n)])
+  s = size / min(h, w)
+  big_h, big_w = max(size, round(h * s)), max(size, round(w * s))
+  sy, sx = h / big_h, w / big_w  # enlarged pixel -> source pixel
+  src = Image.fromarray(image)
+  method = Image.Resampling[resample.upper()]
+  return np.stack([np.asarray(src.resize((size, size), method,
+                                         box=(x * sx, t * sy, (x + size) * sx, (t + size) * sy)))
+                   for t, x in crop_corners(big_h, big_w, size, n)])
 
 
 def to_rgb_array(item: ImageInput) -> np.ndarray:
@@ -74,13 +80,29 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
         item.ndim == 3 and item.shape[-1] not in (1, 3, 4)):
       raise ValueError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); got "
                        f"{item.dtype} {item.shape}")
+    if 0 in item.shape[:2]:
+      raise ValueError(f"cannot score an empty image: a numpy array of shape {item.shape}")
     if item.ndim == 2 or item.shape[-1] == 1:
       return np.repeat(item.reshape(item.shape[:2])[..., None], 3, axis=-1)
     if item.shape[-1] == 4:
       return image_io.to_rgb(Image.fromarray(item, "RGBA"))
     return np.ascontiguousarray(item)
-  raise TypeError(f"cannot score a {type(item).__name__}: pass paths, bytes, PIL images or "
-                  f"uint8 numpy arrays")
+  raise TypeError(f"cannot score {_given(item)}: pass paths, bytes, PIL images or uint8 numpy "
+                  f"arrays, one or a list")
+
+
+def _given(item) -> str:
+  return "None" if item is None else f"a {type(item).__name__} ({item!r:.40})"
+
+
+# Training's advice for an unreadable image (data.on_error=skip) does not apply to scoring.
+_TRAINING_ADVICE = ". Fix or remove the file"
+
+
+def input_error(e: Exception) -> str:
+  """One line for an input that could not be scored; what to do is the caller's to say."""
+  msg = str(e).split(_TRAINING_ADVICE)[0] if isinstance(e, image_io.ImageError) else str(e)
+  return f"{type(e).__name__}: {msg}".replace("\n", " ")
 
 
 def describe(item: ImageInput) -> str:
@@ -121,9 +143,10 @@ class Scorer:
     self._resample = _resample_of(loaded.pp_str)
 
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike, *, which: str = "best",
+  def from_pretrained(cls, path: str | os.PathLike, *, which: str | None = None,
                       **kwargs) -> Scorer:
-    """An exported model folder (model.safetensors + config.json) or a training run folder."""
+    """An exported model folder (model.safetensors + config.json) or a training run folder
+    (`which`: its best or last checkpoint, default best)."""
     return cls(load_model(path, which), **kwargs)
 
   @property
@@ -152,7 +175,7 @@ class Scorer:
       try:
         return self.views(item), ""
       except Exception as e:  # noqa: BLE001 - the caller records any failure per input
-        return None, f"{type(e).__name__}: {e}".replace("\n", " ")
+        return None, input_error(e)
 
     k, b = self.views_per_image, self.batch_size
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -169,7 +192,11 @@ class Scorer:
           pred = np.asarray(self._score_fn(self._params, batch), np.float64)[:len(ok) * k]
           scores = dict(zip(ok, pred.reshape(len(ok), k).mean(axis=1).tolist(), strict=True))
         for i in range(len(chunk)):
-          yield start + i, scores.get(i), loaded[i][1]
+          s, err = scores.get(i), loaded[i][1]
+          if s is not None and not math.isfinite(s):  # damaged weights, not a bad image
+            s, err = None, (f"non-finite score ({s}): the model's weights or the image's "
+                            f"pixels give no number; check the model with another image")
+          yield start + i, s, err
         if on_batch:
           on_batch(len(chunk))
 
@@ -178,6 +205,9 @@ class Scorer:
     """Scores one input (-> float) or many (-> float64 array); a bad input raises, naming it."""
     from tqdm.auto import tqdm
     single = _is_single(images)
+    if not single and not isinstance(images, Iterable):
+      raise TypeError(f"cannot score {_given(images)}: pass paths, bytes, PIL images or uint8 "
+                      f"numpy arrays, one or a list")
     # A Sequence is read as the scorer goes (a dataset's images need not all be in memory).
     items = [images] if single else images if isinstance(images, Sequence) else list(images)
     out = np.empty(len(items))
@@ -185,7 +215,8 @@ class Scorer:
                dynamic_ncols=True, leave=False)
     for i, s, err in self.score_stream(items, workers=workers, on_batch=bar.update):
       if s is None:
-        raise ValueError(f"cannot score input {i} ({describe(items[i])}): {err}")
+        raise ValueError(f"cannot score input {i} ({describe(items[i])}): {err}; fix or leave "
+                         f"out that input")
       out[i] = s
     bar.close()
     return float(out[0]) if single else out
@@ -210,19 +241,31 @@ def _resample_of(pp_str: str) -> str:
   return "bilinear"
 
 
-def load_model(path: str | os.PathLike, which: str = "best") -> LoadedModel:
-  """An exported folder (config.json with format_version) or a training run folder."""
+def is_exported_folder(folder: str | os.PathLike) -> bool:
+  """An exported folder (model.safetensors, or config.json with format_version), not a run."""
+  folder = Path(folder)
+  if (folder / "ckpt").is_dir():
+    return False
+  return (folder / "model.safetensors").exists() or '"format_version"' in _head(
+      folder / "config.json")
+
+
+def load_model(path: str | os.PathLike, which: str | None = None) -> LoadedModel:
+  """An exported folder (config.json with format_version) or a training run folder; `which`
+  (best | last, default best) picks a run's checkpoint and is refused for an exported folder."""
   folder = Path(path)
   cfg = folder / "config.json"
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder} is not a folder: pass an exported model folder "
                             f"(python -m iqa_jax.export) or a training run folder")
-  if (folder / "ckpt").is_dir():
-    return load_run(str(folder), which)
-  if (folder / "model.safetensors").exists() or '"format_version"' in _head(cfg):
+  if is_exported_folder(folder):
+    if which is not None:
+      raise ValueError(f"--which {which}: {folder} is an exported model, which holds one "
+                       f"checkpoint; drop --which, or export that checkpoint with `python -m "
+                       f"iqa_jax.export --which {which}`")
     return load_exported(folder)
-  if cfg.exists():
-    return load_run(str(folder), which)  # a run folder without checkpoints: it says so
+  if (folder / "ckpt").is_dir() or cfg.exists():
+    return load_run(str(folder), which or "best")  # a run without checkpoints: it says so
   raise FileNotFoundError(f"{cfg} not found: an exported model folder holds config.json and "
                           f"model.safetensors; a run folder holds config.json and ckpt/")
 
@@ -233,3 +276,18 @@ def _head(path: Path) -> str:
       return f.read(4096)
   except OSError:
     return ""
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+  """What makes the scores: the head's weights (trained in every run), every tensor's name,
+  shape and dtype, the pp string, input size and MOS scale. Cheap: the head of a 1152-d tower
+  is 3.4 MB, hashed in milliseconds."""
+  import jax
+  h = hashlib.sha256()
+  h.update(repr((loaded.pp_str, loaded.input_size, tuple(loaded.mos_scale))).encode())
+  leaves = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
+  for path, leaf in sorted(((jax.tree_util.keystr(p), x) for p, x in leaves), key=lambda t: t[0]):
+    h.update(f"{path}{tuple(leaf.shape)}{leaf.dtype}".encode())  # no copy of the backbone
+    if path.startswith("['head']"):
+      h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]

@@ -1,4 +1,8 @@
-"""The quality head: Dense d->512, act1, Dense 512->512, act2, Dense 512->1 (§3.1, §4)."""
+"""The quality head: Dense d->512, act1, Dense 512->512, act2, Dense 512->1 (§3.1, §4).
+
+`agm` and `relu` are the heads of the paper's official code (drkkgy/NR_IQA_AGM,
+models/mlp_heads.py MLP3_Gated and mlp_3_layer; docs/official_code.md).
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,8 +16,16 @@ NAMED_HEADS = {
     "baseline": ("lrelu", "lrelu"),
     "sigmoid": ("sigmoid", "lrelu"),
     "gated": ("gated", "gated"),
+    # The official code: MLP3_Gated (GatedBlend, then PReLU; no gamma) and its ReLU baseline.
+    "agm": ("blend", "prelu"),
+    "relu": ("relu", "relu"),
 }
-ACTIVATIONS = ("lrelu", "relu", "gelu", "tanh", "sigmoid", "gated")
+ACTIVATIONS = ("lrelu", "relu", "gelu", "tanh", "sigmoid", "gated", "blend", "prelu")
+BLEND_CLAMP = 20.0  # the official ParamSigmoid2 clamps alpha x + beta to [-20, 20]
+
+
+def _const(v):
+  return lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype)
 
 
 class GatedActivation(nn.Module):
@@ -25,24 +37,50 @@ class GatedActivation(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-
-    def const(v):
-      return lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype)
-
-    g = self.param("g", const(0.0), (c,))
-    alpha = self.param("alpha", const(1.0), (c,))
-    beta = self.param("beta", const(0.0), (c,))
-    gamma = self.param("gamma", const(2.0), (c,))
-    a = self.param("a", const(0.25), (c,))
+    g = self.param("g", _const(0.0), (c,))
+    alpha = self.param("alpha", _const(1.0), (c,))
+    beta = self.param("beta", _const(0.0), (c,))
+    gamma = self.param("gamma", _const(2.0), (c,))
+    a = self.param("a", _const(0.25), (c,))
     x = x.astype(jnp.float32)
     w = jax.nn.sigmoid(g)
     lrelu = jnp.where(x >= 0, x, a * x)
     return w * gamma * jax.nn.sigmoid(alpha * x + beta) + (1.0 - w) * lrelu
 
 
+class PReLU(nn.Module):
+  """Per-channel learnable negative slope `a` (init 0.25): the official ParamLeakyReLU2."""
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param("a", _const(0.25), (x.shape[-1],))
+    x = x.astype(jnp.float32)
+    return jnp.where(x >= 0, x, a * x)
+
+
+class GatedBlend(nn.Module):
+  """The official GatedBlend: s(g) * s(clip(alpha x + beta, +-20)) + (1 - s(g)) * PReLU_a(x).
+
+  Unlike Eq. 3 there is no gamma. Init as the official code: g=0, alpha=1, beta=0, a=0.25.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    g = self.param("g", _const(0.0), (c,))
+    alpha = self.param("alpha", _const(1.0), (c,))
+    beta = self.param("beta", _const(0.0), (c,))
+    a = self.param("a", _const(0.25), (c,))
+    x = x.astype(jnp.float32)
+    w = jax.nn.sigmoid(g)
+    z = jnp.clip(alpha * x + beta, -BLEND_CLAMP, BLEND_CLAMP)
+    return w * jax.nn.sigmoid(z) + (1.0 - w) * jnp.where(x >= 0, x, a * x)
+
+
 def activation(name: str, layer_name: str):
-  if name == "gated":
-    return GatedActivation(name=layer_name)
+  modules = {"gated": GatedActivation, "blend": GatedBlend, "prelu": PReLU}
+  if name in modules:
+    return modules[name](name=layer_name)
   fns = {
       # torch.nn.LeakyReLU's default slope, as in the paper's baseline head.
       "lrelu": lambda x: jax.nn.leaky_relu(x, 0.01),

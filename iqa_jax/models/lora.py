@@ -17,6 +17,10 @@ LORA_NAMES = ("lora_a", "lora_b")
 # Backbone modules with no pretrained weights (CleanDIFT's DP-IQA adapter): they train with the
 # head in every mode, and a checkpoint need not hold them.
 NEW_MODULES = ("adapter",)
+FINETUNE_MODES = ("frozen", "lora", "full", "lora_full")
+# Modes whose tower carries LoRA factors. lora_full: LoRA and every backbone weight train, as the
+# official code does (train.py calls model.requires_grad_(True) after get_peft_model).
+LORA_MODES = ("lora", "lora_full")
 
 
 def peft_kaiming_uniform(key, shape, dtype=jnp.float32):
@@ -59,22 +63,22 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def param_labels(params, mode: str):
-  """Label each leaf 'head', 'backbone', 'lora' or 'frozen' for `mode` in frozen|lora|full;
+  """Label each leaf 'head', 'backbone', 'lora' or 'frozen' for `mode` in FINETUNE_MODES;
   backbone modules in NEW_MODULES are labelled 'head'.
 
   `params` is the model tree {'backbone': ..., 'head': ...}.
   """
-  if mode not in ("frozen", "lora", "full"):
-    raise ValueError(f"model.finetune must be one of frozen|lora|full, got {mode!r}")
+  if mode not in FINETUNE_MODES:
+    raise ValueError(f"model.finetune must be one of {'|'.join(FINETUNE_MODES)}, got {mode!r}")
 
   def label(path, _):
     names = _path_names(path)
     if names[0] != "backbone" or any(n in NEW_MODULES for n in names):
       return "head"
-    if mode == "full":
-      return "backbone"
-    if mode == "lora" and any(n in LORA_NAMES for n in names):
+    if mode in LORA_MODES and any(n in LORA_NAMES for n in names):
       return "lora"
+    if mode in ("full", "lora_full"):
+      return "backbone"
     return "frozen"
 
   return jax.tree_util.tree_map_with_path(label, params)

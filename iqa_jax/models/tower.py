@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from iqa_jax.defaults import base_config
+from iqa_jax.models.lora import LORA_MODES
 
 MODEL_DEFAULTS = base_config().model  # what a field left out of config.model means
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -155,13 +156,13 @@ def model_field(model_config, key: str):
 
 
 def tower_kwargs(model_config, *, transformer: bool = True) -> dict:
-  """config.model -> the module fields every family takes (LoRA only when finetune=lora)."""
+  """config.model -> the module fields every family takes (LoRA only in the LORA_MODES)."""
   def get(key):
     return model_field(model_config, key)
   lora = {**MODEL_DEFAULTS.lora.to_dict(), **dict(get("lora"))}
   kwargs = dict(
       dtype=DTYPES[get("dtype")],
-      lora_rank=lora["rank"] if get("finetune") == "lora" else 0,
+      lora_rank=lora["rank"] if get("finetune") in LORA_MODES else 0,
       lora_alpha=lora["alpha"],
       lora_dropout=lora["dropout"],
       remat=get("remat"),

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from iqa_jax.runs.folder import HISTORY, RunFolderError, read_jsonl, write_text
+from iqa_jax.runs.folder import HISTORY, RunFolderError, read_jsonl, saved_steps, write_text
 
 SEP = "."
 EPOCHS = "epochs"  # ckpt/epochs/<n>: params after epoch n (config.keep_epoch_checkpoints)
@@ -127,6 +127,10 @@ def load_params(workdir, which: str = "best", step: int | None = None) -> tuple[
   if step is None or step not in mngr.all_steps():
     mngr.close()
     where = path if step is None else path / str(step)
+    if which == "best" and step is None and saved_steps(path.parent / "last"):
+      raise FileNotFoundError(  # a run killed before its first validation, or all-NaN SRCC
+          f"No 'best' checkpoint in {where}, but {path.parent / 'last'} holds one: pass "
+          f"--which last, or finish training with `python -m iqa_jax.train --workdir {workdir}`")
     raise FileNotFoundError(f"No '{which}' checkpoint in {where}; train first with "
                             f"`python -m iqa_jax.train --config ... --workdir {workdir}`")
   try:

@@ -116,8 +116,14 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
   if not f.exists():
     raise FileNotFoundError(f"{f} not found: --workdir must be a run folder made by "
                             f"`python -m iqa_jax.train`")
-  return ml_collections.ConfigDict(read_json(f, "Restore it from a backup, or retrain with "
-                                                "`python -m iqa_jax.train ... --restart`."))
+  recorded = read_json(f, "Restore it from a backup, or retrain with "
+                          "`python -m iqa_jax.train ... --restart`.")
+  if not isinstance(recorded, dict) or "format_version" in recorded:  # an export's config.json
+    raise RunFolderError(f"{workdir} is an exported model, not a run folder (its {CONFIG} has no "
+                         f"training config): --workdir takes the folder `python -m iqa_jax.train` "
+                         f"wrote; score an export with `python -m iqa_jax.score --model "
+                         f"{workdir}`.")
+  return ml_collections.ConfigDict(recorded)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -296,3 +302,59 @@ def _get(tree: dict, dotted: str):
       return None
     tree = tree[k]
   return tree
+
+
+def training_summary(workdir: str | Path) -> dict:
+  """What a run folder holds, for a model card or a report: {'status' ('done', 'failed' or
+  'unfinished': no results.json yet, killed or still training), 'epochs_done',
+  'epochs_planned', 'best' ({'epoch' (0-based), 'srcc', 'plcc', ...} or None), 'best_from'
+  (the file it was read from), 'features' (for a head trained on a feature cache: the cache
+  folder, backbone, init and source run that made its features; else None)}.
+
+  An unfinished run's best epoch is the one with the highest finite validation SRCC in
+  history.jsonl, the rule training keeps ckpt/best by."""
+  w = Path(workdir)
+  config = read_config(w)
+  history = read_jsonl(w / HISTORY, "Restore it from a backup.")
+  results = read_json(w / RESULTS) if (w / RESULTS).is_file() else None
+  if results is not None:
+    best, best_from, status = results.get("best"), str(w / RESULTS), results.get("status")
+  else:
+    finite = [h for h in history if isinstance(h.get("val", {}).get("srcc"), float)
+              and math.isfinite(h["val"]["srcc"])]
+    top = max(finite, key=lambda h: h["val"]["srcc"], default=None)  # the first of equals
+    best = {"epoch": top["epoch"], **top["val"]} if top else None
+    best_from, status = str(w / HISTORY), "unfinished"
+  source = None
+  if (w / "features.json").is_file():
+    record = read_json(w / "features.json")
+    fp = record.get("fingerprint", {})
+    source = {"cache": record.get("features"), "backbone": fp.get("model.backbone"),
+              "init": fp.get("model.init"), "seed": fp.get("seed"),
+              "source_run": fp.get("source_run")}
+  return {"status": status, "epochs_done": len(history), "epochs_planned": config.optim.epochs,
+          "best": best, "best_from": best_from, "features": source}
+
+
+def describe_training(summary: dict) -> list[str]:
+  """training_summary as lines for a model card: an unfinished run says so, and a head on a
+  feature cache names the backbone (or source run) its features came from."""
+  lines = []
+  if summary["status"] != "done":
+    lines.append(f"**{summary['status']}**: {summary['epochs_done']} of "
+                 f"{summary['epochs_planned']} epochs trained"
+                 + (" (no results.json: killed, or still training)"
+                    if summary["status"] == "unfinished" else ""))
+  best = summary["best"]
+  if best:
+    lines.append(f"best epoch {best['epoch'] + 1}: val SRCC {best['srcc']:.4f}, PLCC "
+                 f"{best['plcc']:.4f} (from {Path(summary['best_from']).name})")
+  else:
+    lines.append(f"no finite validation SRCC in {Path(summary['best_from']).name}")
+  f = summary["features"]
+  if f:
+    made_by = (f"the trained backbone of run {f['source_run']}" if f["source_run"] else
+               f"{f['backbone']} " + (f"from {f['init']}" if f["init"] else
+                                      f"(random init, seed {f['seed']})"))
+    lines.append(f"head trained on the feature cache {f['cache']}, features made by {made_by}")
+  return lines

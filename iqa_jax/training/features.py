@@ -35,7 +35,8 @@ import ml_collections
 import numpy as np
 
 from iqa_jax.data import cache as cache_lib
-from iqa_jax.data import pipeline, pp
+from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.defaults import flag_error, help_requested
 from iqa_jax.models.head import QualityHead
 from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
 from iqa_jax.runs import backbone
@@ -79,22 +80,54 @@ def fingerprint(config: ml_collections.ConfigDict, source_run: str | None = None
 
 
 def read_index(folder: str | Path) -> dict:
+  """A finished feature cache's index.json, or one line saying what the folder is instead."""
   path = Path(folder) / INDEX
+  if not path.is_file() and (Path(folder) / PROGRESS).is_file():
+    raise ValueError(f"{folder} is an unfinished feature cache (extraction was stopped; "
+                     f"{PROGRESS}, no {INDEX}): rerun python -m iqa_jax.features with the same "
+                     f"--config and --out {folder} to finish it.")
   if not path.is_file():
     raise FileNotFoundError(f"{folder} is not a feature cache (no {INDEX}); build it with "
                             "python -m iqa_jax.features --config CFG --out FOLDER.")
-  index = json.loads(path.read_text())
+  index = run_folder.read_json(path, f"Delete {folder} and rebuild it with python -m "
+                               "iqa_jax.features.")
   if index.get("kind") != "features":
     raise ValueError(f"{folder} is a prepare (image) cache, not a feature cache: pass it as "
                      "--config.data.cache, or build features with python -m iqa_jax.features.")
   return index
 
 
+def _short(value) -> str:
+  """repr of a field, a long list (the cache's MOS values) as its length and first items."""
+  if isinstance(value, list) and len(repr(value)) > 80:
+    return f"[{', '.join(map(repr, value[:3]))}, ...] ({len(value)} values)"
+  return repr(value)
+
+
 def _mismatch(stored: dict, wanted: dict) -> str | None:
+  """The first field that differs (inside a nested dict, the field within it), shortly."""
   for k in sorted(set(stored) | set(wanted)):
-    if stored.get(k) != wanted.get(k):
-      return f"{k} is {stored.get(k)!r} in the cache but {wanted.get(k)!r} here"
+    a, b = stored.get(k), wanted.get(k)
+    if a != b:
+      if isinstance(a, dict) and isinstance(b, dict):
+        return _mismatch(a, b)
+      return f"{k} is {_short(a)} in the cache but {_short(b)} here"
   return None
+
+
+def check_covers(folder: str | Path, records) -> None:
+  """Every record is in the cache, or one line: a cache of a subset (another distortion list,
+  another data_dir) would otherwise train on the subset only, since a record the cache lacks
+  reads as unreadable and data.on_error=skip drops it."""
+  index = read_index(folder)
+  held = set(index["paths"])
+  missing = [r.path for r in records if r.path not in held]
+  if len(missing) > int(index.get("n_skipped", 0)):  # more than extraction itself skipped
+    raise ValueError(
+        f"{len(missing)} of {len(records)} records (e.g. {missing[0]}) are not in the feature "
+        f"cache {folder} ({len(held)} images of {index.get('dataset')}): it was built for other "
+        f"records (a subset, other data options or data.dir). Build a cache for this config with "
+        f"python -m iqa_jax.features --config ... --out NEW_FOLDER.")
 
 
 def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict, str]:
@@ -185,7 +218,10 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
           "mos": [float(r.mos) for r in records], "dataset": config.data.name}
   for name in (INDEX, PROGRESS):
     if (folder / name).is_file():
-      held = json.loads((folder / name).read_text())
+      held = run_folder.read_json(folder / name, "Choose another --out or delete that folder.")
+      if held.get("kind") != "features":
+        raise ValueError(f"{folder} holds a prepare (image) cache ({name}), not a feature cache; "
+                         "choose another --out.")
       held_want = {k: held.get(k) for k in want}
       if held_want != want:
         problem = _mismatch({k: held.get(k) for k in want if k != "paths"},
@@ -264,31 +300,37 @@ def cache_for_frozen_run(config: ml_collections.ConfigDict, root: str | Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
-
-  flags.DEFINE_string("out", None, "Folder of the feature cache.")
-  flags.DEFINE_string("workdir", None, "A trained run whose backbone (LoRA / full) to use.")
-  flags.DEFINE_list("taps", [], "Backbone intermediates to store too, e.g. encoded,layer_20.")
-  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-  config_flags.DEFINE_config_file("config", None, "Config file (its model and data).",
-                                  lock_config=False)
-
-  def _main(_):
-    f = flags.FLAGS
-    if f.config is None or not f.out:
-      print("error: pass --config configs/<file>.py and --out FOLDER", file=sys.stderr)
-      sys.exit(2)
-    try:
-      extract_features(f.config, f.out, workdir=f.workdir, taps=f.taps, batch_size=f.batch_size,
-                       progress=f.config.get("progress", True))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(_main, argv=argv)
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()  # private flags: main() can run twice in one process (tests)
+  flags.DEFINE_string("out", None, "Folder of the feature cache.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "A trained run whose backbone (LoRA / full) to use.",
+                      flag_values=fv)
+  flags.DEFINE_list("taps", [], "Backbone intermediates to store too, e.g. encoded,layer_20.",
+                    flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+  flags.DEFINE_alias("batch-size", "batch_size", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Config file (its model and data), e.g. "
+                                  "configs/demo.py; --config.FIELD=VALUE overrides a field.",
+                                  flag_values=fv, lock_config=False, sys_argv=argv)
+  if help_requested(argv):
+    print(__doc__ + "\n" + fv.get_help())
+    return 0
+  try:
+    fv(argv)
+    if fv.config is None or not fv.out:
+      raise ValueError("pass --config configs/<file>.py and --out FOLDER")
+    extract_features(fv.config, fv.out, workdir=fv.workdir, taps=fv.taps,
+                     batch_size=fv.batch_size, progress=fv.config.get("progress", True))
+  except flags.Error as e:
+    print(f"error: {flag_error(e)}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -28,7 +28,7 @@ import numpy as np
 from iqa_jax import metrics, parallel
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.data.tfds import source as tfds_source
-from iqa_jax.defaults import flag_error
+from iqa_jax.defaults import flag_error, help_requested
 from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model, make_eval_step
 from iqa_jax.runs import checkpoint
@@ -69,6 +69,8 @@ def gate_weights(params) -> dict[str, list[float]]:
 def load_data(config) -> tuple[dict, list]:
   """-> (splits {'train', 'val'[, 'test']}, skipped [(path, reason)]) of config.data."""
   records = pipeline.load_records(config.data)
+  if config.data.get("features"):  # its own messages, before the pipeline reads it as a cache
+    features.check_covers(config.data.features, records)
   records, skipped = pipeline.check_records(records, on_error=config.data.on_error,
                                             cache=_cache(config),
                                             tfds=tfds_source.build_dir(config.data))
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   make_step = functools.partial(
       make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
-      with_grad_norm=config.log_grad_norm,
+      margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
       fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
   eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
   if in_memory(config):
@@ -367,41 +369,38 @@ def print_results_table(results: dict) -> None:
   print(flush=True)
 
 
-def main(argv=None) -> int:
-  from absl import app, flags
+def main(argv: Sequence[str] | None = None) -> int:
+  from absl import flags
   from ml_collections import config_flags
-
-  flags.DEFINE_string("workdir", None, "Run folder (default: checkpoints/<config name>).")
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()  # private flags: main() can run twice in one process (tests)
+  flags.DEFINE_string("workdir", None, "Run folder (default: checkpoints/<config name>).",
+                      flag_values=fv)
   flags.DEFINE_bool("restart", False, "Clear the run folder's run files and train from scratch "
-                    "(a rerun otherwise resumes, and only with the recorded config).")
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py.",
-                                  lock_config=True)
-
-  def _main(_):
-    config = flags.FLAGS.config
-    if config is None:
-      raise app.UsageError("Pass --config configs/siglip2_gated.py (or another file in configs/).")
-    workdir = flags.FLAGS.workdir or os.path.join("checkpoints", config.name)
-    try:
-      results = train_and_evaluate(config, workdir, restart=flags.FLAGS.restart)
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print_results_table(results)
-    print(f"run folder: {workdir}")
-    if results["status"] != "done":
-      sys.exit(1)
-
-  def _parse(args):
-    try:
-      return flags.FLAGS(args)
-    except flags.Error as e:  # a bad --config argument or field: one line, exit 2
-      print(f"error: {flag_error(e)}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(_main, argv=argv, flags_parser=_parse)
-  return 0
+                    "(a rerun otherwise resumes, and only with the recorded config).",
+                    flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py:"
+                                  "head=gated; --config.FIELD=VALUE overrides a field.",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  if help_requested(argv):
+    print(__doc__ + "\n" + fv.get_help())
+    return 0
+  try:
+    fv(argv)
+    if fv.config is None:
+      raise ValueError("pass --config configs/siglip2_gated.py (or another file in configs/).")
+    workdir = fv.workdir or os.path.join("checkpoints", fv.config.name)
+    results = train_and_evaluate(fv.config, workdir, restart=fv.restart)
+  except flags.Error as e:  # a bad --config argument or field: one line, exit 2
+    print(f"error: {flag_error(e)}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print_results_table(results)
+  print(f"run folder: {workdir}")
+  return 0 if results["status"] == "done" else 1
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

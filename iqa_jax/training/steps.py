@@ -35,7 +35,8 @@ def merge_params(a, b):
 def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_accum: int = 1,
                     margin_lambda: float = 0.25, margin_weight: float = 1.0,
                     with_grad_norm: bool = False, micro_batched: bool = False,
-                    axis_name: str | None = None, fuse_micro_batches: bool = False) -> Callable:
+                    axis_name: str | None = None, fuse_micro_batches: bool = False,
+                    margin_form: str = "eq1") -> Callable:
   """-> train_step(state, batch) -> (state, metrics); batch holds 'image' and 'mos'.
 
   micro_batched: the batch is already (grad_accum, micro, ...), as parallel.put_batch lays it out.
@@ -52,7 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     if axis_name:  # the pairwise margin loss (Eq. 1) spans all devices' shares of the micro-batch
       pred, mos, weight = (jax.lax.all_gather(x, axis_name, tiled=True)
                            for x in (pred, mos, weight))
-    loss, parts = iqa_loss(pred, mos, margin_lambda, margin_weight, weight)
+    loss, parts = iqa_loss(pred, mos, margin_lambda, margin_weight, weight, margin_form)
     return loss, parts
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -62,7 +63,8 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     params = merge_params(trainable, frozen)
     pred, _ = model.apply({"params": params}, images.reshape((k * m,) + images.shape[2:]),
                           train=True, rngs={"dropout": rng})
-    losses, parts = jax.vmap(lambda p, y, w: iqa_loss(p, y, margin_lambda, margin_weight, w))(
+    losses, parts = jax.vmap(
+        lambda p, y, w: iqa_loss(p, y, margin_lambda, margin_weight, w, margin_form))(
         pred.reshape(k, m), mos, weight)
     return losses.sum(), jax.tree.map(jnp.sum, parts)  # sums over micro-batches, as `one` adds
 

@@ -233,16 +233,23 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m iqa_jax.data.tfds_build",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--dataset", required=True, help=", ".join(BUILDERS))
-  parser.add_argument("--manual_dir", required=True, help="the unpacked official release")
-  parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
-                                                           "~/tensorflow_datasets"))
+  parser.add_argument("--manual-dir", "--manual_dir", dest="manual_dir", required=True,
+                      help="the unpacked official release")
+  parser.add_argument("--data-dir", "--data_dir", dest="data_dir",
+                      default=os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"),
+                      help="TFDS data dir the build goes to (default: $TFDS_DATA_DIR or "
+                      "~/tensorflow_datasets)")
   parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                       help="adapter option picking the variant, e.g. resolution=512x384")
-  parser.add_argument("--on_error", default="raise", choices=("raise", "skip"),
+  parser.add_argument("--on-error", "--on_error", dest="on_error", default="raise",
+                      choices=("raise", "skip"),
                       help="skip: leave unreadable images out, listed in metadata.json")
   args = parser.parse_args(argv)
   t0 = time.time()
   try:
+    bad = [o for o in args.option if "=" not in o]
+    if bad:
+      raise ValueError(f"--option {bad[0]!r}: write KEY=VALUE, e.g. --option resolution=512x384")
     options = dict(o.split("=", 1) for o in args.option)
     folder = build(args.dataset, args.manual_dir, args.data_dir, options, args.on_error)
   except ValueError as e:  # also the adapters' and check_records' errors, which name the row

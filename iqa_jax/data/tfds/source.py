@@ -8,6 +8,7 @@ Only tensorflow_datasets and array_record are needed here, and only when source=
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa_jax.data.records import Record, RecordSource
+from iqa_jax.data.records import MOS_SCALES, Record, RecordSource, mos_scale
 from iqa_jax.data.tfds import variants
 
 SOURCES = ("files", "tfds")
@@ -132,7 +133,11 @@ def load_records(data_config) -> list[Record]:
   folder = build_dir(data_config)
   if data_config.get("dir"):
     check_release(folder, data_config.dir)
-  return read_records(folder)
+  records = read_records(folder)
+  scale, offset = mos_scale(data_config)  # a build holds App. B's mos; the run may ask another
+  if (scale, offset) != MOS_SCALES.get(data_config.name, (scale, offset)):
+    records = [dataclasses.replace(r, mos=(r.raw_mos - offset) / scale) for r in records]
+  return records
 
 
 class TfdsSource(Sequence):
