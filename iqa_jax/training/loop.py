@@ -3,7 +3,7 @@
 Per epoch: train with a progress bar (img/s, ETA), evaluate SRCC/PLCC on the validation split,
 save `ckpt/last` and, when validation SRCC improves, `ckpt/best`. Rerunning on the same workdir
 resumes after the last finished epoch, and only with the config the folder records
-(iqa_jax/run_folder.py); --restart starts it over.
+(iqa_jax/runs/folder.py); --restart starts it over.
 
 Batches come from the grain pipeline, one jitted step each (`epochs_from_loader`). A run on a
 feature cache (data.features: the head alone) holds the cache's rows on the devices and runs
