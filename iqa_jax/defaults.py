@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 0
   c.data.on_error = "raise"  # raise | skip
   c.data.cache = ""
-  # TFDS (iqa_jax.data.tfds_source): "files" reads the release folder, "tfds" an ArrayRecord build
+  # TFDS (iqa_jax.data.tfds.source): "files" reads the release folder, "tfds" an ArrayRecord build
   # of python -m iqa_jax.data.tfds_build; tfds_dir "" is $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.data.source = "files"  # files | tfds
   c.data.tfds_dir = ""

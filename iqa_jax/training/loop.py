@@ -1,9 +1,4 @@
-"""Train a quality model: python -m iqa_jax.train --config configs/siglip2_gated.py --workdir DIR
-
-Per epoch: train with a progress bar (img/s, ETA), evaluate SRCC/PLCC on the validation split,
-save `ckpt/last` and, when validation SRCC improves, `ckpt/best`. Rerunning on the same workdir
-resumes after the last finished epoch, and only with the config the folder records
-(iqa_jax/run_folder.py); --restart starts it over.
+"""The epoch loop of `python -m iqa_jax.train` (iqa_jax/train.py says what a run does).
 
 Batches come from the grain pipeline, one jitted step each (`epochs_from_loader`). A run on a
 feature cache (data.features: the head alone) holds the cache's rows on the devices and runs
@@ -14,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +21,6 @@ import numpy as np
 from iqa_jax import metrics, parallel
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.data.tfds import source as tfds_source
-from iqa_jax.defaults import flag_error, help_requested
 from iqa_jax.models.lora import count_by_label
 from iqa_jax.models.model import create_model, make_eval_step
 from iqa_jax.runs import checkpoint
@@ -367,40 +359,3 @@ def print_results_table(results: dict) -> None:
   for name, ep, s, p in rows:
     print(f"| {name} | {ep} | {s:.4f} | {p:.4f} |")
   print(flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from absl import flags
-  from ml_collections import config_flags
-  argv = list(sys.argv if argv is None else argv)
-  fv = flags.FlagValues()  # private flags: main() can run twice in one process (tests)
-  flags.DEFINE_string("workdir", None, "Run folder (default: checkpoints/<config name>).",
-                      flag_values=fv)
-  flags.DEFINE_bool("restart", False, "Clear the run folder's run files and train from scratch "
-                    "(a rerun otherwise resumes, and only with the recorded config).",
-                    flag_values=fv)
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py:"
-                                  "head=gated; --config.FIELD=VALUE overrides a field.",
-                                  flag_values=fv, lock_config=True, sys_argv=argv)
-  if help_requested(argv):
-    print(__doc__ + "\n" + fv.get_help())
-    return 0
-  try:
-    fv(argv)
-    if fv.config is None:
-      raise ValueError("pass --config configs/siglip2_gated.py (or another file in configs/).")
-    workdir = fv.workdir or os.path.join("checkpoints", fv.config.name)
-    results = train_and_evaluate(fv.config, workdir, restart=fv.restart)
-  except flags.Error as e:  # a bad --config argument or field: one line, exit 2
-    print(f"error: {flag_error(e)}", file=sys.stderr)
-    return 2
-  except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print_results_table(results)
-  print(f"run folder: {workdir}")
-  return 0 if results["status"] == "done" else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,5 +1,5 @@
 """TFDS builders for the seven benchmarks, written as ArrayRecord so that training reads them with
-grain and no TensorFlow (iqa_jax.data.tfds_source). Building needs TensorFlow: the `tfds` extra.
+grain and no TensorFlow (iqa_jax.data.tfds.source). Building needs TensorFlow: the `tfds` extra.
 
   python -m iqa_jax.data.tfds_build --dataset koniq10k --manual_dir /data/koniq10k \
       --data_dir ~/tensorflow_datasets [--option resolution=512x384] [--on_error skip]
