@@ -3,7 +3,7 @@
   python -m iqa_jax.report DIR/results.jsonl --table 1          (iqa_jax.analysis.report)
   python -m iqa_jax.report DIR/results.jsonl --table 4          (iqa_jax.analysis.analyses)
   python -m iqa_jax.report DIR/results.jsonl --figure S4
-  python -m iqa_jax.report gallery (--workdir RUN | --scores CSV) --out PAGE.html   (analysis.gallery)
+  python -m iqa_jax.report gallery (--workdir RUN | --scores CSV) --out PAGE.html  (gallery)
 """
 from __future__ import annotations
 

@@ -186,7 +186,11 @@ def test_sweep_table_reads_each_run_folder(figure, tiny_demo_dir, tmp_path, caps
   import csv
   import json
 
-  from iqa_jax import analyses, experiments, report
+  from iqa_jax import (
+    experiments,
+    report,  # the CLI
+  )
+  from iqa_jax.analysis import analyses
   settings = [2, 4] if figure == "S4" else [0, -1]
   results, want = [], []
   for i, value in enumerate(settings):
@@ -276,7 +280,7 @@ def test_moved_run_folders_stop_the_report_naming_the_folder(tmp_path, capsys):
   out empty ("(no runs)"), exit 0, and an earlier table4.csv was overwritten."""
   import shutil
 
-  from iqa_jax import report
+  from iqa_jax import report  # the CLI
   full, masked = _retention_matrices(tmp_path)
   assert report.main([str(full), str(masked), "--table", "4"]) == 0
   capsys.readouterr()
@@ -296,7 +300,7 @@ def test_tables_read_the_config_a_row_records_without_its_run_folder(tmp_path, c
   import json
   import shutil
 
-  from iqa_jax import report
+  from iqa_jax import report  # the CLI
   full, masked = _retention_matrices(tmp_path)
   for results in (full, masked):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -323,7 +327,7 @@ def test_collect_results_records_each_runs_config(tmp_path):
 
 
 def test_table_s1_labels_the_lora_rank_the_runs_used(tmp_path):
-  from iqa_jax import analyses
+  from iqa_jax.analysis import analyses
   results = _fake_matrix(tmp_path, [("clive", "baseline",
                                      {"finetune": "lora", "lora": {"rank": 8}}, .85, .84)])
   (row,) = analyses.make_analysis_table([results], "S1").rows

@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 from test_head import TorchAGMHead, perturb_gates  # noqa: E402
 
 from iqa_jax import convert  # noqa: E402
-from iqa_jax.scorer import Scorer  # noqa: E402
+from iqa_jax.inference.scorer import Scorer  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               patch_size=8, image_size=32)

@@ -9,7 +9,6 @@ from pathlib import Path
 from conftest import tiny_demo_config
 
 from iqa_jax.runs import checkpoint
-from iqa_jax.training import loop as train
 
 RUN_SPECIFIC = ("time_s", "train_img_per_s")  # wall-clock numbers
 TESTS = Path(__file__).resolve().parent

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from iqa_jax import evaluate
+from iqa_jax.inference import evaluate
 
 
 def test_old_and_new_flag_spellings_parse_alike(trained_run, tiny_demo_dir, tmp_path):
@@ -34,7 +34,7 @@ def test_a_mistyped_demo_folder_is_refused_not_built(trained_run, tmp_path, caps
 
 def test_an_export_folder_as_workdir_is_one_line(trained_run, tiny_demo_dir, tmp_path, capsys):
   """Issue 23 item 9: an exported model's config.json was read as a run config (traceback)."""
-  from iqa_jax import export
+  from iqa_jax.inference import exported as export
   _, workdir, _ = trained_run
   model = export.export_run(str(workdir), str(tmp_path / "model"))
   assert evaluate.main(["--workdir", str(model), "--dataset", "demo", "--data-dir",

@@ -219,7 +219,7 @@ def test_over_training_refuses_an_epoch_the_run_did_not_keep(trained_run, capsys
 def test_gradcam_and_tsne_refuse_user_mistakes_in_one_line(trained_run, tmp_path, capsys):
   """Issue 23 items 9, 11: an export folder as --workdir and an --out that is a file were
   tracebacks; --per-split 0 failed inside scikit-learn."""
-  from iqa_jax import export
+  from iqa_jax.inference import exported as export
   config, workdir, _ = trained_run
   image = f"{config.data.dir}/images/I01_01_05_c01.png"
   model = export.export_run(str(workdir), str(tmp_path / "model"))

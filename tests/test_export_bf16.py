@@ -1,8 +1,8 @@
 """`export --dtype bfloat16` on the tests' demo model: what the README states about it."""
 import numpy as np
 
-from iqa_jax import export
-from iqa_jax.scorer import Scorer
+from iqa_jax.inference import exported as export
+from iqa_jax.inference.scorer import Scorer
 
 
 def test_bf16_export_scores_of_the_tiny_demo_model(trained_run, tiny_demo_dir, tmp_path):

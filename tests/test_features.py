@@ -288,7 +288,7 @@ def test_cache_mistakes_name_the_right_tool_and_file(frozen_runs, tiny_demo_dir,
 
 def test_training_summary_names_the_backbone_of_a_cached_head(frozen_runs):
   """Issue 23 item 8: a head trained on a cache said "finetune full, base none" on its card."""
-  from iqa_jax import run_folder
+  from iqa_jax.runs import folder as run_folder
   root, _, feats, _ = frozen_runs
   summary = run_folder.training_summary(root / "cached")
   assert summary["features"] == {"cache": str(feats.absolute()), "backbone": "siglip",

@@ -14,10 +14,15 @@ from conftest import tiny_demo_config
 from PIL import Image
 from scipy import stats
 
-from iqa_jax import metrics, report, run_folder, train
+from iqa_jax import (
+  metrics,
+  report,  # the CLI: report gallery
+)
 from iqa_jax.analysis import browser, gallery
 from iqa_jax.data import datasets, demo
 from iqa_jax.data.images import load_image
+from iqa_jax.runs import folder as run_folder
+from iqa_jax.training import loop as train
 
 
 class Page(HTMLParser):
@@ -300,11 +305,12 @@ def test_pages_draw_in_chromium_without_console_errors(tiny_demo_dir, tmp_path):
 
 @pytest.mark.slow  # two eager Grad-CAM passes: 16.4 s CPU, 52.5 s wall at load 11 on 2 cores
 def test_gradcam_overlays_are_explains_gradcam_of_each_image(trained_run):
-  from iqa_jax import explain, score
+  from iqa_jax.analysis import explain
+  from iqa_jax.inference.loaded import load_run
   _, workdir, _ = trained_run
   over = Page(gallery.run_page(str(workdir), top=1, gradcam=True)[0]).tables["over"]
   # The reference: explain's Grad-CAM of this one image (the page maps its images in one batch).
-  loaded = score.load_run(str(workdir))
+  loaded = load_run(str(workdir))
   (x, image), = explain._model_inputs(loaded, [over[0][-1][1]])
   want = explain.overlay(image, np.asarray(explain.gradcam(loaded.model, loaded.params, x)[0][0]))
   got = decode(over[0][2][3]["src"]).astype(int)  # PNG: lossless
@@ -314,7 +320,7 @@ def test_gradcam_overlays_are_explains_gradcam_of_each_image(trained_run):
 def test_score_records_its_model_and_the_scores_page_shows_it(trained_run, tmp_path):
   """The sidecar beside the CSV names the model; the page shows it; --resume with another view
   is refused before any row."""
-  from iqa_jax import score
+  from iqa_jax.inference import score_csv as score
   config, workdir, _ = trained_run
   paths = [r.path for r in datasets.load_splits(str(workdir))["val"][:3]]
   out = str(tmp_path / "s.csv")

@@ -74,7 +74,7 @@ WORKED = {"eq1": 0.224402, "official": 0.198094, "official_swapped": 0.297847}
 
 @pytest.mark.parametrize("form", sorted(WORKED))
 def test_margin_forms_worked_numbers(form):
-  from iqa_jax.losses import margin_term
+  from iqa_jax.training.losses import margin_term
   pred, mos = jnp.array([0.5, 0.2, 0.3]), jnp.array([0.2, 0.6, 0.6])
   assert float(margin_term(pred, mos, form=form)) == pytest.approx(WORKED[form], abs=2e-6)
   _, parts = iqa_loss(pred, mos, margin_form=form)
@@ -82,7 +82,7 @@ def test_margin_forms_worked_numbers(form):
 
 
 def test_official_forms_equal_the_official_loop():
-  from iqa_jax.losses import margin_term
+  from iqa_jax.training.losses import margin_term
   rng = np.random.RandomState(5)
   pred, mos = rng.rand(12), np.round(rng.rand(12) * 4) / 4  # MOS levels: ties
   p32, m32 = jnp.asarray(pred, jnp.float32), jnp.asarray(mos, jnp.float32)
@@ -98,7 +98,7 @@ def test_swapped_margin_only_shrinks_the_spread_of_predictions():
   0.25 (p - mean) / (n std(pred)) = (0.111359, -0.089087, -0.022272)."""
   import jax
 
-  from iqa_jax.losses import margin_term
+  from iqa_jax.training.losses import margin_term
   mos = jnp.array([0.2, 0.6, 0.6])
   grad = jax.grad(lambda p: margin_term(p, mos, form="official_swapped"))(
       jnp.array([0.5, 0.2, 0.3]))
@@ -106,6 +106,6 @@ def test_swapped_margin_only_shrinks_the_spread_of_predictions():
 
 
 def test_unknown_margin_form():
-  from iqa_jax.losses import margin_term
+  from iqa_jax.training.losses import margin_term
   with pytest.raises(ValueError, match="margin_form must be one of eq1|official"):
     margin_term(jnp.zeros(3), jnp.zeros(3), form="swapped")

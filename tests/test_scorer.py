@@ -186,7 +186,7 @@ def _enlarge_then_cut(image, size, n, resample):
 
 
 def test_crops_of_a_small_image_equal_enlarging_it_first(photo):
-  from iqa_jax.scorer import native_crops
+  from iqa_jax.inference.scorer import native_crops
   _, rgb = photo
   for image in (rgb[:5, :60], rgb[:3, :3], rgb[:31, :33], rgb[:40, :20]):
     got = native_crops(image, 32, 3, "bilinear").astype(int)
@@ -199,7 +199,7 @@ def test_crops_of_a_small_image_equal_enlarging_it_first(photo):
 def test_crops_of_a_long_strip_never_enlarge_the_whole_strip():
   import tracemalloc
 
-  from iqa_jax.scorer import native_crops
+  from iqa_jax.inference.scorer import native_crops
   strip = np.random.default_rng(0).integers(0, 256, (1, 60000, 3), np.uint8)
   tracemalloc.start()
   crops = native_crops(strip, 64, 3)

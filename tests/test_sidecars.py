@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from iqa_jax import export, score
-from iqa_jax.scorer import load_model, model_fingerprint
+from iqa_jax.inference import exported as export
+from iqa_jax.inference import score_csv as score
+from iqa_jax.inference.scorer import load_model, model_fingerprint
 
 
 def _rows(path):

@@ -29,8 +29,8 @@ from test_datasets import (  # noqa: E402  (the official-layout fixture builders
 )
 
 from iqa_jax.data import datasets, pipeline  # noqa: E402
-from iqa_jax.data.tfds import build as tfds_build
-from iqa_jax.data.tfds import source as tfds_source
+from iqa_jax.data.tfds import build as tfds_build  # noqa: E402
+from iqa_jax.data.tfds import source as tfds_source  # noqa: E402
 from iqa_jax.runs import checkpoint  # noqa: E402
 
 FIXTURES = {"clive": make_clive, "koniq10k": make_koniq, "kadid10k": make_kadid,

@@ -188,7 +188,7 @@ def gradcam_images(workdir: str, paths: Sequence[str], out_dir: str,
 
 def score_overlays(workdir: str, paths: Sequence[str], which: str = "best") -> list[np.ndarray]:
   """The score's Grad-CAM over each image as shown, uint8 (H, W, 3) (the gallery's overlays)."""
-  from iqa_jax.score import load_run
+  from iqa_jax.inference.loaded import load_run
   loaded = load_run(workdir, which)
   inputs = _model_inputs(loaded, paths)
   if len({x.shape for x, _ in inputs}) == 1:  # one batch: the module is found and traced once

@@ -121,7 +121,7 @@ def gradcam_uris(workdir: str, paths: Sequence[str], size: int) -> list[str | No
   """Grad-CAM overlays of the score (explain.py) as data: URIs; None for an unreadable image."""
   from PIL import Image as PILImage
 
-  from iqa_jax import explain
+  from iqa_jax.analysis import explain
   readable = [p for p in paths if os.path.isfile(p)]
   overlays = dict(zip(readable, explain.score_overlays(workdir, readable), strict=True))
   out = []
@@ -321,8 +321,8 @@ def _missing_note(thumbs: Sequence[str | None], images: Sequence[PageImage], ima
 
 def read_run(workdir: str) -> tuple[list[PageImage], dict, dict, list[str]]:
   """-> (validation images of the best epoch, results.json or {}, config.json, notes)."""
-  from iqa_jax import run_folder
   from iqa_jax.data import datasets
+  from iqa_jax.runs import folder as run_folder
   w = Path(workdir)
   config = run_folder.read_config(w).to_dict()
   results = run_folder.read_json(w / run_folder.RESULTS) if (w / run_folder.RESULTS).exists() \
@@ -438,7 +438,7 @@ def run_page(workdir: str, top: int = 12, gradcam: bool = False, thumb: int = 12
 
 def model_record(scores: str) -> dict | None:
   """What score recorded beside the CSV (its OUT.meta.json sidecar), flat for the page; or None."""
-  from iqa_jax.score import UsageError, read_sidecar
+  from iqa_jax.inference.score_csv import UsageError, read_sidecar
   try:
     found = read_sidecar(scores)
   except UsageError as e:
@@ -464,7 +464,7 @@ def pick_shown(n: int, top: int, sample: int) -> list[tuple[int, str]]:
 def scores_page(scores: str, top: int = 12, sample: int = 48, thumb: int = 128,
                 image_root: tuple[str, str] | None = None) -> tuple[str, dict]:
   """The score CSV's HTML page and a summary {'images', 'scored', 'failed', 'shown', 'missing'}."""
-  from iqa_jax.score import UsageError, read_score_csv
+  from iqa_jax.inference.score_csv import UsageError, read_score_csv
   if not os.path.isfile(scores):
     raise GalleryError(f"--scores {scores} not found: pass a CSV written by python -m "
                        "iqa_jax.score")
@@ -532,7 +532,7 @@ def scores_page(scores: str, top: int = 12, sample: int = 48, thumb: int = 128,
 
 def write_page(text: str, out: str) -> Path:
   """Atomically; a file at `out` that this module did not write is never replaced."""
-  from iqa_jax import run_folder
+  from iqa_jax.runs import folder as run_folder
   path = Path(out)
   if path.is_dir():
     raise GalleryError(f"--out {out} is a folder; pass a file, e.g. {out}/gallery.html")
@@ -558,7 +558,7 @@ def _image_root(text: str | None) -> tuple[str, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from iqa_jax.score import _OneLineParser  # a flag mistake is one line, as in score
+  from iqa_jax.inference.score_csv import _OneLineParser  # a flag mistake is one line, as in score
   ap = _OneLineParser(prog="python -m iqa_jax.report gallery", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
   src = ap.add_mutually_exclusive_group(required=True)

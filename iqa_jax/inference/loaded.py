@@ -11,7 +11,6 @@ from iqa_jax.models.model import create_model
 from iqa_jax.runs import backbone, checkpoint
 from iqa_jax.runs import folder as run_folder
 
-
 VIEWS = ("resize", "crops")  # how a model looks at an image (scorer.Scorer.views)
 
 

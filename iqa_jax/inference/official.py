@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa_jax import checkpoint, export
 from iqa_jax.data import pp
 from iqa_jax.defaults import base_config
+from iqa_jax.inference import exported as export
 from iqa_jax.models import hf_io, siglip, tower
+from iqa_jax.runs import checkpoint
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_FILE = ("adapter_config.json", "adapter_model.safetensors",
                                               "mlp.pt")

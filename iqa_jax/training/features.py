@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 
 from iqa_jax.data import cache as cache_lib
-from iqa_jax.data import datasets, pipeline, pp
-from iqa_jax.defaults import flag_error, help_requested
+from iqa_jax.data import pipeline, pp
 from iqa_jax.models.head import QualityHead
 from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
 from iqa_jax.runs import backbone
