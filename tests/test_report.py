@@ -114,7 +114,7 @@ def test_an_empty_table_exits_1_and_keeps_the_earlier_csv(tmp_path, capsys):
   earlier = tmp_path / "tables" / "table1.csv"
   earlier.parent.mkdir()
   earlier.write_text("kept\n")
-  assert report.main([str(store), "--table", "1"]) == 1  # Table 1 has no gated rows
+  assert report_cli.main([str(store), "--table", "1"]) == 1  # Table 1 has no gated rows
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "Table 1" in err[0] and "nothing written" in err[0]
   assert earlier.read_text() == "kept\n"
@@ -125,8 +125,8 @@ def test_a_cut_results_jsonl_is_one_line_naming_the_file_and_line(tmp_path, caps
   store = tmp_path / "results.jsonl"
   text = "".join(json.dumps(r) + "\n" for r in _rows())
   store.write_text(text[:-20])
-  assert report.main([str(store), "--table", "1"]) == 2
+  assert report_cli.main([str(store), "--table", "1"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"{store}:{len(_rows())}" in err[0]
-  assert report.main([str(tmp_path / "missing.jsonl")]) == 2
+  assert report_cli.main([str(tmp_path / "missing.jsonl")]) == 2
   assert "missing.jsonl not found" in capsys.readouterr().err

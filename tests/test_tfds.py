@@ -275,6 +275,6 @@ def test_koniq_official_mos_divisor_applies_to_a_build(built):
   from_files = datasets.load_records(_data_config("koniq10k", source="files",
                                                   data_dir=releases["koniq10k"],
                                                   koniq_mos_divisor=100.0))
-  from_tfds = datasets.load_records(_data_config("koniq10k", tfds_dir, koniq_mos_divisor=100.0))
+  from_tfds = pipeline.load_records(_data_config("koniq10k", tfds_dir, koniq_mos_divisor=100.0))
   assert [r.mos for r in from_tfds] == [r.mos for r in from_files]
   assert from_tfds[0].mos == pytest.approx(3.828571 / 100)
