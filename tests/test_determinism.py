@@ -23,7 +23,8 @@ def test_same_config_and_seed_give_identical_results_in_a_fresh_process(trained_
   assert config.to_dict() == tiny_demo_config(tiny_demo_dir,
                                               keep_epoch_checkpoints=True).to_dict()
   script = ("import sys; from conftest import tiny_demo_config; "
-            "from iqa_jax.training import loop as train; train.train_and_evaluate(tiny_demo_config(sys.argv[1]), sys.argv[2])")
+            "from iqa_jax.training import loop as train; "
+            "train.train_and_evaluate(tiny_demo_config(sys.argv[1]), sys.argv[2])")
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env.update(PYTHONHASHSEED="random",
              PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
