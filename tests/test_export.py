@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -288,6 +289,7 @@ def _edit_config(d, edit):
     (lambda c: {**c, "view": {"kind": "tiles", "crops": 3}}, "field 'view' is"),
     (lambda c: {**c, "mos_scale": [5.0]}, "field 'mos_scale' is [5.0]"),
     (lambda c: [c], "holds a JSON list"),
+    (lambda c: {**c, "format_version": "1"}, "format_version is '1' (str), not the integer"),
 ])
 def test_refuses_config_fields_that_do_not_fit(edit, says, exported, tmp_path, capsys):
   d = _damaged(exported[1]["merged"], tmp_path)
@@ -309,3 +311,20 @@ def test_refuses_a_tensor_of_another_dtype(exported, tmp_path, capsys):
   assert str(bf16["backbone.embeddings_patch_embedding.kernel"].dtype) == "bfloat16"
   assert str(bf16["head.fc2.kernel"].dtype) == "float32"
   export.load_exported(exported[1]["bf16"])
+
+
+def test_card_of_a_killed_run_reads_its_history(trained_run, tmp_path):
+  """Issue 23 item 8: a run killed before results.json gets a card that says so, with the best
+  epoch that training's rule picks from history.jsonl, not "best (epoch 0), n/a"."""
+  from iqa_jax.runs import checkpoint
+  _, run, results = trained_run
+  killed = tmp_path / "run"
+  shutil.copytree(run, killed)
+  (killed / "results.json").unlink()
+  card = (Path(export.export_run(str(killed), str(tmp_path / "model"))) / "README.md").read_text()
+  best = results["best"]
+  assert "**unfinished**: 2 of 2 epochs trained" in card
+  assert f"best epoch {best['epoch'] + 1}: val SRCC {best['srcc']:.4f}" in card
+  assert f"| checkpoint | best (epoch {best['epoch'] + 1}) |" in card
+  assert f"{best['srcc']:.4f} / {best['plcc']:.4f}" in card
+  assert len(checkpoint.read_history(killed)) == 2

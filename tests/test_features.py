@@ -5,6 +5,7 @@ backbone (pretrained/random or another run's) that made the features."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,9 @@ def test_a_head_on_another_runs_features_scores_on_that_backbone(
   model_dir = export.export_run(str(head_run), str(tmp_path / "model"))
   exported = Scorer.from_pretrained(model_dir, view="resize", batch_size=32)
   np.testing.assert_allclose(exported(paths), preds, rtol=0, atol=2e-6)
+  # Its model card names where the features came from (issue 23 item 8), not "base none".
+  card = (Path(model_dir) / "README.md").read_text()
+  assert f"features made by the trained backbone of run {src}" in card, card
 
   # The source run retrained (another backbone in its ckpt/best): refused, never mixed.
   shutil.rmtree(src / "ckpt")

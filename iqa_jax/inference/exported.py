@@ -30,6 +30,7 @@ from iqa_jax.data import pp
 from iqa_jax.inference.loaded import VIEWS, LoadedModel, load_run
 from iqa_jax.models.lora import LORA_MODES
 from iqa_jax.runs import checkpoint
+from iqa_jax.runs import folder as run_folder
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -83,7 +84,8 @@ def model_card(run: Path, which: str, config: dict, exported: dict) -> str:
   """README.md of the exported folder, from the run's results.json and config.json."""
   results = _read_json(run / "results.json", missing_ok=True) or {}
   d, m = config["data"], config["model"]
-  best, test = results.get("best") or {}, results.get("test")
+  summary = run_folder.training_summary(run)  # an unfinished run's best comes from its history
+  best, test = summary["best"] or {}, results.get("test")
   def fmt(x):
     return "n/a" if x is None else f"{x:.4f}"
   command = results.get("command") or (
@@ -95,6 +97,7 @@ def model_card(run: Path, which: str, config: dict, exported: dict) -> str:
       f"# {config.get('name', 'iqa')} quality model ({d['name']})", "",
       "Exported by `python -m iqa_jax.export`; load with "
       "`Scorer.from_pretrained(folder)` (no base checkpoint, no torch needed).", "",
+      *[f"- {line}" for line in run_folder.describe_training(summary)], "",
       "| field | value |", "|---|---|",
       f"| dataset | {d['name']} (MOS scale x{exported['mos_scale'][0]:g} "
       f"+ {exported['mos_scale'][1]:g}) |",
@@ -284,9 +287,13 @@ def load_exported(folder: str | os.PathLike) -> LoadedModel:
     raise ExportError(f"{folder / CONFIG} holds a JSON {type(cfg).__name__}, not the object "
                       f"export writes; export the model again")
   version = cfg.get("format_version")
-  if not isinstance(version, int):
+  if version is None:
     raise ExportError(f"{folder / CONFIG} has no format_version: not a folder written by "
                       f"python -m iqa_jax.export")
+  if not isinstance(version, int) or isinstance(version, bool):
+    raise ExportError(f"{folder / CONFIG}: format_version is {version!r} "
+                      f"({type(version).__name__}), not the integer export writes (e.g. "
+                      f"{FORMAT_VERSION}); restore it or export the model again")
   if version > FORMAT_VERSION:
     raise ExportError(f"{folder / CONFIG}: format_version {version} is newer than this iqa_jax "
                       f"reads ({FORMAT_VERSION}); upgrade iqa_jax to load it")
@@ -370,7 +377,8 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
   ap.add_argument("--out", required=True,
                   help="folder to write (new, empty, or an earlier export, which is replaced)")
-  ap.add_argument("--which", default="best", choices=("best", "last"))
+  ap.add_argument("--which", default="best", choices=("best", "last"),
+                  help="the run's checkpoint to export: best (validation SRCC) or last")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="backbone weights' dtype (head, gates stay float32)")
   ap.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,

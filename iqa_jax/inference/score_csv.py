@@ -447,7 +447,8 @@ def main(argv=None) -> int:
                   help="CSV to write: a new path or a CSV score wrote (default scores.csv)")
   ap.add_argument("--which", default=None, choices=("best", "last"),
                   help="a run folder's checkpoint (default best); refused for an exported model")
-  ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--batch-size", type=int, default=32,
+                  help="images per forward pass (each batch is padded to it: one compile)")
   ap.add_argument("--workers", type=int, default=4, help="decoding threads")
   ap.add_argument("--view", default=None, choices=VIEWS,
                   help="test-time view (default: the one the model records)")
@@ -457,7 +458,8 @@ def main(argv=None) -> int:
                   help="keep scored rows of --out; score the rest, a cut last line and errors")
   ap.add_argument("--fail-on-error", action=argparse.BooleanOptionalAction, default=True,
                   help="exit 1 when any input could not be scored (default on)")
-  ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--no-progress", action="store_true",
+                  help="no progress bar (img/s, ETA) on stderr")
   a = ap.parse_args(argv)
   try:
     check_arguments(a.out, a.batch_size, a.workers, a.crops, a.view)
