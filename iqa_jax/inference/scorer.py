@@ -179,9 +179,13 @@ class Scorer:
 
     k, b = self.views_per_image, self.batch_size
     with ThreadPoolExecutor(max(1, workers)) as pool:
+      def submit(start):  # decode + preprocess one batch of inputs in the pool
+        return [pool.submit(prepare, item) for item in items[start:start + b]]
+
+      pending = submit(0)
       for start in range(0, len(items), b):
-        chunk = items[start:start + b]
-        loaded = list(pool.map(prepare, chunk))
+        loaded = [f.result() for f in pending]
+        pending = submit(start + b)  # the next batch decodes while this one runs
         ok = [i for i, (v, _) in enumerate(loaded) if v is not None]
         scores = {}
         if ok:
@@ -191,14 +195,14 @@ class Scorer:
             batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
           pred = np.asarray(self._score_fn(self._params, batch), np.float64)[:len(ok) * k]
           scores = dict(zip(ok, pred.reshape(len(ok), k).mean(axis=1).tolist(), strict=True))
-        for i in range(len(chunk)):
+        for i in range(len(loaded)):
           s, err = scores.get(i), loaded[i][1]
           if s is not None and not math.isfinite(s):  # damaged weights, not a bad image
             s, err = None, (f"non-finite score ({s}): the model's weights or the image's "
                             f"pixels give no number; check the model with another image")
           yield start + i, s, err
         if on_batch:
-          on_batch(len(chunk))
+          on_batch(len(loaded))
 
   def __call__(self, images: ImageInput | Iterable[ImageInput], *, workers: int = 4,
                progress: bool = False, desc: str = "score"):
