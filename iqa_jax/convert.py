@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import official
 
 
-class _OneLineParser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit 2, as every user mistake
-    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None) -> int:
-  ap = _OneLineParser(prog="python -m iqa_jax.convert", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="source", required=True, parser_class=_OneLineParser)
+  ap = OneLineParser(prog="python -m iqa_jax.convert", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="source", required=True, parser_class=OneLineParser)
   o = sub.add_parser("official", help="a checkpoint folder of the official NR_IQA_AGM train.py")
   o.add_argument("--checkpoint", required=True, help="folder with adapter_config.json, mlp.pt")
   o.add_argument("--base", default=None, help="SiglipModel folder or cached hub id (default: "

@@ -1,6 +1,8 @@
 """The paper's training recipe as one base config; files in configs/ change only what differs."""
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -155,3 +157,11 @@ def help_requested(argv: Sequence[str]) -> bool:
   """-h, --help or --helpfull among the arguments: the absl CLIs print their flags and exit 0
   (absl's own --help exits 1)."""
   return bool({"-h", "--help", "--helpfull"} & set(argv))
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """argparse for our CLIs: a flag mistake is one line naming it and exit 2, no usage dump."""
+
+  def error(self, message):
+    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)

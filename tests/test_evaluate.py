@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from iqa_jax.inference import evaluate
+from iqa_jax import evaluate as evaluate_cli  # the command
 
 
 def test_old_and_new_flag_spellings_parse_alike(trained_run, tiny_demo_dir, tmp_path):
@@ -16,7 +16,7 @@ def test_old_and_new_flag_spellings_parse_alike(trained_run, tiny_demo_dir, tmp_
     out = tmp_path / style
     argv = ["--workdir", str(workdir), "--dataset", "demo", flags[0], str(tiny_demo_dir),
             flags[1], "16", flags[2], "skip", "--out", str(out)]
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     runs[style] = (out / "eval_demo.csv").read_text()
   assert runs["new"] == runs["old"]
 
@@ -25,7 +25,7 @@ def test_a_mistyped_demo_folder_is_refused_not_built(trained_run, tmp_path, caps
   """Issue 23 item 12: `--dataset demo` with a mistyped folder built 11,200 images there."""
   _, workdir, _ = trained_run
   typo = tmp_path / "demo_dta"
-  assert evaluate.main(["--workdir", str(workdir), "--dataset", "demo", "--data-dir",
+  assert evaluate_cli.main(["--workdir", str(workdir), "--dataset", "demo", "--data-dir",
                         str(typo)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"--data-dir {typo} holds no demo set" in err[0]
@@ -37,7 +37,7 @@ def test_an_export_folder_as_workdir_is_one_line(trained_run, tiny_demo_dir, tmp
   from iqa_jax.inference import exported as export
   _, workdir, _ = trained_run
   model = export.export_run(str(workdir), str(tmp_path / "model"))
-  assert evaluate.main(["--workdir", str(model), "--dataset", "demo", "--data-dir",
+  assert evaluate_cli.main(["--workdir", str(model), "--dataset", "demo", "--data-dir",
                         str(tiny_demo_dir)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "is an exported model, not a run folder" in err[0]
@@ -53,15 +53,15 @@ def test_a_run_without_a_best_checkpoint_points_to_which_last(trained_run, tiny_
   shutil.rmtree(run / "ckpt" / "best")
   argv = ["--workdir", str(run), "--dataset", "demo", "--data-dir", str(tiny_demo_dir),
           "--out", str(tmp_path / "e")]
-  assert evaluate.main(argv) == 2
+  assert evaluate_cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "pass --which last" in err[0] and "train first" not in err[0]
-  assert evaluate.main(argv + ["--which", "last"]) == 0
+  assert evaluate_cli.main(argv + ["--which", "last"]) == 0
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_names_the_demo_rule(flag, capsys):
   with pytest.raises(SystemExit) as e:
-    evaluate.main([flag])
+    evaluate_cli.main([flag])
   assert e.value.code == 0
   assert "it is not built here" in " ".join(capsys.readouterr().out.split())

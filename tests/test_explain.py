@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
+from iqa_jax import explain as explain_cli  # the command
 from iqa_jax.analysis import explain
 
 
@@ -201,7 +202,7 @@ def test_over_training_without_epoch_checkpoints_names_the_field(tiny_demo_dir, 
                                                                  capsys):
   """Checked before anything loads: a folder without ckpt/epochs (here an empty one)."""
   image = str(sorted((tiny_demo_dir / "images").glob("*.png"))[0])
-  assert explain.main(["gradcam", "--workdir", str(tmp_path), "--out", str(tmp_path / "x"),
+  assert explain_cli.main(["gradcam", "--workdir", str(tmp_path), "--out", str(tmp_path / "x"),
                        "--over-training", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--config.keep_epoch_checkpoints=true" in err
@@ -210,7 +211,7 @@ def test_over_training_without_epoch_checkpoints_names_the_field(tiny_demo_dir, 
 def test_over_training_refuses_an_epoch_the_run_did_not_keep(trained_run, capsys):
   config, workdir, _ = trained_run
   image = f"{config.data.dir}/images/I01_01_05_c01.png"
-  assert explain.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
+  assert explain_cli.main(["gradcam", "--workdir", str(workdir), "--out", str(workdir / "x"),
                        "--over-training", "--epochs", "1,3", image]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--epochs 3:" in err and "keeps epochs 1,2" in err
@@ -230,7 +231,7 @@ def test_gradcam_and_tsne_refuse_user_mistakes_in_one_line(trained_run, tmp_path
       (["tsne", "--workdir", str(workdir), "--out", str(tmp_path / "t"), "--per-split", "0"],
        "--per-split 0: t-SNE and the silhouette score need at least 10")]
   for argv, message in cases:
-    assert explain.main(argv) == 2
+    assert explain_cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
   assert not (tmp_path / "g").exists() and not (tmp_path / "t").exists()

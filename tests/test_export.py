@@ -13,8 +13,9 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from iqa_jax import export as export_cli  # the command
+from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference import exported as export
-from iqa_jax.inference import score_csv as score
 from iqa_jax.inference.scorer import Scorer
 
 # bf16 backbone weights (float32 compute): |score error| <= 0.2% of the largest |score|
@@ -165,7 +166,7 @@ def _damaged(exported_dir, tmp_path):
 def _refused(folder, capsys) -> str:
   with pytest.raises(export.ExportError) as e:
     export.load_exported(folder)
-  rc = score.main(["--model", str(folder), "--out", str(folder.parent / "s.csv"),
+  rc = score_cli.main(["--model", str(folder), "--out", str(folder.parent / "s.csv"),
                    "--no-progress", str(folder / "README.md")])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and str(e.value) in err
@@ -236,7 +237,7 @@ def test_export_refuses_an_out_it_did_not_write(target, exported, tiny_siglip_di
     out = tmp_path / "scores.csv"
     out.write_text("path,score\n")
   before = _tree(out) if out.is_dir() else out.read_bytes()
-  rc = export.main(["--workdir", str(run), "--out", str(out)])
+  rc = export_cli.main(["--workdir", str(run), "--out", str(out)])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and f"--out {out}" in err, err
   assert "pass a new --out" in err

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
+from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference import exported as export
-from iqa_jax.inference import score_csv as score
 from iqa_jax.inference.loaded import load_run
 from iqa_jax.inference.scorer import Scorer
 from iqa_jax.runs import checkpoint
@@ -188,11 +188,11 @@ def test_a_head_on_another_runs_features_scores_on_that_backbone(
   shutil.rmtree(src / "ckpt")
   shutil.copytree(root / "e2e" / "ckpt", src / "ckpt")
   argv = ["--workdir", str(head_run), "--out", str(tmp_path / "s.csv"), paths[0]]
-  assert score.main(argv) == 2
+  assert score_cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and f"the run {src}, whose backbone weights" in err
   shutil.rmtree(src)
-  assert score.main(argv) == 2
+  assert score_cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and f"the run {src}, which is missing" in err
 

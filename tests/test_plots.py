@@ -8,6 +8,7 @@ from matplotlib import image
 from test_report import _rows
 
 from iqa_jax import metrics
+from iqa_jax import plots as plots_cli  # the command
 from iqa_jax.analysis import plots
 
 
@@ -61,10 +62,10 @@ def test_head_comparison_bar_chart(tmp_path):
 
 def test_cli_plots_a_matrix_folder(tmp_path):
   (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-  assert plots.main([str(tmp_path)]) == 0
+  assert plots_cli.main([str(tmp_path)]) == 0
   assert (tmp_path / "heads_by_dataset.png").exists()
   with pytest.raises(SystemExit) as e:  # argparse's usage line
-    plots.main([])
+    plots_cli.main([])
   assert e.value.code == 2
 
 
@@ -72,18 +73,18 @@ def test_cli_help_a_missing_folder_and_a_cut_history(trained_run, tmp_path, caps
   """Issue 23 items 9, 10: `plots --help` and `plots MISSING` exited 1 printing nothing; a cut
   history.jsonl was a JSONDecodeError traceback."""
   with pytest.raises(SystemExit) as e:
-    plots.main(["--help"])
+    plots_cli.main(["--help"])
   assert e.value.code == 0 and "run folder" in capsys.readouterr().out
-  assert plots.main([str(tmp_path / "missing")]) == 2
+  assert plots_cli.main([str(tmp_path / "missing")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "missing is not a folder" in err[0]
   _, workdir, _ = trained_run
   lines = (workdir / "history.jsonl").read_text().splitlines()
   (tmp_path / "history.jsonl").write_text(lines[0] + "\n" + lines[1][:40])  # killed mid-write
-  assert plots.main([str(tmp_path)]) == 2
+  assert plots_cli.main([str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"{tmp_path / 'history.jsonl'}:2 is not valid JSON" in err[0]
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert plots.main([str(empty)]) == 1
+  assert plots_cli.main([str(empty)]) == 1
   assert "nothing to plot" in capsys.readouterr().err

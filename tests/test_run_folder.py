@@ -9,7 +9,7 @@ import pytest
 from conftest import load_config, tiny_csv_set, tiny_demo_config
 
 from iqa_jax import experiments
-from iqa_jax.inference import score_csv as score
+from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference.loaded import load_run
 from iqa_jax.runs import checkpoint
 from iqa_jax.runs import folder as run_folder
@@ -102,7 +102,7 @@ def test_item5_corrupt_files_give_one_line_naming_them(run_copy, tiny_demo_dir, 
   out = str(tmp_path / "s.csv")
   # The largest data file of ckpt/best's params (TensorStore), through the score CLI.
   _corrupt_largest_file(next((workdir / "ckpt" / "best").glob("*/params/ocdbt.process_0")))
-  assert score.main(["--workdir", str(workdir), "--out", out, "--no-progress", image]) == 2
+  assert score_cli.main(["--workdir", str(workdir), "--out", out, "--no-progress", image]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "ckpt/best/" in err and "unreadable" in err, err
   # ckpt/last's JSON item (epoch, best metrics) cut in half, on resume.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference import evaluate
 from iqa_jax.inference import score_csv as score
 
@@ -56,7 +57,7 @@ def test_folder_scoring_with_bad_inputs(trained_run, odd_inputs, tmp_path, capsy
   _, workdir, _ = trained_run
   out = tmp_path / "s.csv"
   missing = str(odd_inputs / "missing.png")
-  rc = score.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
+  rc = score_cli.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
                    "--batch-size", "4", str(odd_inputs), missing])
   assert rc == 1  # some inputs failed
   rows = {r["path"]: r for r in _rows(out)}
@@ -68,7 +69,7 @@ def test_folder_scoring_with_bad_inputs(trained_run, odd_inputs, tmp_path, capsy
   for bad in (str(odd_inputs / "corrupt.jpg"), missing):
     assert rows[bad]["score"] == "" and bad.split("/")[-1] in rows[bad]["error"]
   assert "could not be scored" in capsys.readouterr().err
-  rc = score.main(["--workdir", str(workdir), "--out", str(tmp_path / "t.csv"), "--no-progress",
+  rc = score_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "t.csv"), "--no-progress",
                    "--no-fail-on-error", missing])
   assert rc == 0
 
@@ -79,7 +80,7 @@ def test_scores_equal_the_runs_validation_predictions(trained_run, tmp_path):
   lst = tmp_path / "list.txt"
   lst.write_text("\n".join(r["path"] for r in preds[:10]) + "\n")
   out = tmp_path / "v.csv"
-  assert score.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
+  assert score_cli.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
                      "--batch-size", "4", "@" + str(lst)]) == 0
   got = _rows(out)
   assert [r["path"] for r in got] == [r["path"] for r in preds[:10]]
@@ -87,7 +88,7 @@ def test_scores_equal_the_runs_validation_predictions(trained_run, tmp_path):
                              [float(r["pred"]) for r in preds[:10]], atol=SCORE_TOL)
   # --resume: the 10 rows stay, only new paths are appended.
   lst.write_text("\n".join(r["path"] for r in preds[:14]) + "\n")
-  assert score.main(["--workdir", str(workdir), "--out", str(out), "--no-progress", "--resume",
+  assert score_cli.main(["--workdir", str(workdir), "--out", str(out), "--no-progress", "--resume",
                      "@" + str(lst)]) == 0
   again = _rows(out)
   assert [r["path"] for r in again] == [r["path"] for r in preds[:14]]
@@ -101,7 +102,7 @@ def test_exif_rotation_is_applied_before_scoring(trained_run, odd_inputs, tmp_pa
   from PIL import ImageOps
   ImageOps.exif_transpose(upright).save(tmp_path / "upright.png")
   out = tmp_path / "e.csv"
-  score.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
+  score_cli.main(["--workdir", str(workdir), "--out", str(out), "--no-progress",
               str(odd_inputs / "exif.jpg"), str(tmp_path / "upright.png")])
   a, b = (float(r["score"]) for r in _rows(out))
   assert a == pytest.approx(b, abs=1e-5)
@@ -136,7 +137,7 @@ def val_paths(trained_run):
 
 def _main(*args) -> int:
   try:
-    return score.main([str(a) for a in args])
+    return score_cli.main([str(a) for a in args])
   except SystemExit as e:  # argparse's own errors
     return e.code
 

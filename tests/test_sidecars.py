@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference import exported as export
 from iqa_jax.inference import score_csv as score
 from iqa_jax.inference.scorer import load_model, model_fingerprint
@@ -21,7 +22,7 @@ def _rows(path):
 
 def _main(*args) -> int:
   try:
-    return score.main([str(a) for a in args])
+    return score_cli.main([str(a) for a in args])
   except SystemExit as e:  # argparse's own errors
     return e.code
 

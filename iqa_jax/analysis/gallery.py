@@ -558,9 +558,9 @@ def _image_root(text: str | None) -> tuple[str, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from iqa_jax.inference.score_csv import _OneLineParser  # a flag mistake is one line, as in score
-  ap = _OneLineParser(prog="python -m iqa_jax.report gallery", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+  from iqa_jax.defaults import OneLineParser  # a flag mistake is one line, as in score
+  ap = OneLineParser(prog="python -m iqa_jax.report gallery", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="run folder made by iqa_jax.train")
   src.add_argument("--scores", help="CSV made by iqa_jax.score")

@@ -7,12 +7,9 @@ Figures are drawn on matplotlib's Agg canvas directly, so pyplot's global state 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -203,34 +200,3 @@ def plot_matrix(rows: list[dict], out: str | Path) -> list[Path]:
   """out/heads_by_dataset.png for a run matrix."""
   path = plot_head_comparison(rows, Path(out) / "heads_by_dataset.png")
   return [path] if path else []
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m iqa_jax.plots", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("folder", help="a run folder (made by iqa_jax.train) or a run matrix folder "
-                  "(holding results.jsonl, made by iqa_jax.experiments)")
-  a = ap.parse_args(argv)
-  folder = Path(a.folder)
-  try:
-    if not folder.is_dir():
-      raise FileNotFoundError(f"{folder} is not a folder: pass a run folder or a run matrix "
-                              f"folder")
-    if (folder / "results.jsonl").exists():
-      written = plot_matrix(report.load_rows(folder), folder)
-    else:
-      written = plot_run(folder)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if not written:
-    print(f"error: {folder} holds nothing to plot (no history.jsonl, val_predictions.csv or "
-          f"results.jsonl rows)", file=sys.stderr)
-    return 1
-  for p in written:
-    print(p)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -12,13 +12,11 @@ refused before the run is read.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -365,33 +363,3 @@ def _check_fields(path: Path, cfg: dict) -> None:
         f"{out.shape[0]} x {out.shape[1]} images")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit 2, as every user mistake
-    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
-def main(argv=None) -> int:
-  ap = _OneLineParser(prog="python -m iqa_jax.export", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="run folder made by iqa_jax.train")
-  ap.add_argument("--out", required=True,
-                  help="folder to write (new, empty, or an earlier export, which is replaced)")
-  ap.add_argument("--which", default="best", choices=("best", "last"),
-                  help="the run's checkpoint to export: best (validation SRCC) or last")
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="backbone weights' dtype (head, gates stay float32)")
-  ap.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
-                  help="fold each LoRA update into its base weight (default on)")
-  a = ap.parse_args(argv)
-  try:
-    out = export_run(a.workdir, a.out, which=a.which, dtype=a.dtype, merge=a.merge_lora)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported {a.workdir} ({a.which}) -> {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
