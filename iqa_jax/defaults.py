@@ -159,6 +159,21 @@ def help_requested(argv: Sequence[str]) -> bool:
   return bool({"-h", "--help", "--helpfull"} & set(argv))
 
 
+def parse_absl_flags(fv, argv: Sequence[str], doc: str) -> int | None:
+  """The start of the absl CLIs (train, features, experiments): -h/--help prints `doc` and the
+  flags (-> 0); a bad flag or config argument is one line (-> 2); None once `fv` is parsed."""
+  from absl import flags
+  if help_requested(argv):
+    print(doc + "\n" + fv.get_help())
+    return 0
+  try:
+    fv(argv)
+  except flags.Error as e:
+    print(f"error: {flag_error(e)}", file=sys.stderr)
+    return 2
+  return None
+
+
 class OneLineParser(argparse.ArgumentParser):
   """argparse for our CLIs: a flag mistake is one line naming it and exit 2, no usage dump."""
 

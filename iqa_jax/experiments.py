@@ -28,7 +28,7 @@ import ml_collections
 
 from iqa_jax import parallel
 from iqa_jax.data import datasets
-from iqa_jax.defaults import flag_error, help_requested
+from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.models.head import resolve_head
 from iqa_jax.runs import folder as run_folder
 from iqa_jax.training import features
@@ -318,11 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for old, alias in (("data_root", "data-root"), ("data_dir", "data-dir"),
                      ("retry_failed", "retry-failed"), ("compile_cache", "compile-cache")):
     flags.DEFINE_alias(alias, old, flag_values=fv)
-  if help_requested(argv):
-    print(__doc__ + "\n" + fv.get_help())
-    return 0
+  code = parse_absl_flags(fv, argv, __doc__)
+  if code is not None:
+    return code
   try:
-    fv(argv)
     if fv.config is None or not fv.out:
       raise ValueError("pass --config configs/<file>.py and --out DIR")
     config = fv.config
@@ -332,9 +331,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dirs=dict(kv.split("=", 1) for kv in fv.data_dir), data_root=fv.data_root,
         plots=fv.plots, retry_failed=fv.retry_failed,
         compile_cache=None if fv.compile_cache == "none" else fv.compile_cache)
-  except flags.Error as e:
-    print(f"error: {flag_error(e)}", file=sys.stderr)
-    return 2
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

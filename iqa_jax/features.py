@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from iqa_jax.defaults import flag_error, help_requested
+from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.training import features
 
 
@@ -42,18 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   config_flags.DEFINE_config_file("config", None, "Config file (its model and data), e.g. "
                                   "configs/demo.py; --config.FIELD=VALUE overrides a field.",
                                   flag_values=fv, lock_config=False, sys_argv=argv)
-  if help_requested(argv):
-    print(__doc__ + "\n" + fv.get_help())
-    return 0
+  code = parse_absl_flags(fv, argv, __doc__)
+  if code is not None:
+    return code
   try:
-    fv(argv)
     if fv.config is None or not fv.out:
       raise ValueError("pass --config configs/<file>.py and --out FOLDER")
     features.extract_features(fv.config, fv.out, workdir=fv.workdir, taps=fv.taps,
-                     batch_size=fv.batch_size, progress=fv.config.get("progress", True))
-  except flags.Error as e:
-    print(f"error: {flag_error(e)}", file=sys.stderr)
-    return 2
+                              batch_size=fv.batch_size, progress=fv.config.get("progress", True))
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from iqa_jax.defaults import flag_error, help_requested
+from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.training import loop
 
 
@@ -32,18 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/siglip2_gated.py:"
                                   "head=gated; --config.FIELD=VALUE overrides a field.",
                                   flag_values=fv, lock_config=True, sys_argv=argv)
-  if help_requested(argv):
-    print(__doc__ + "\n" + fv.get_help())
-    return 0
+  code = parse_absl_flags(fv, argv, __doc__)
+  if code is not None:
+    return code
   try:
-    fv(argv)
     if fv.config is None:
       raise ValueError("pass --config configs/siglip2_gated.py (or another file in configs/).")
     workdir = fv.workdir or os.path.join("checkpoints", fv.config.name)
     results = loop.train_and_evaluate(fv.config, workdir, restart=fv.restart)
-  except flags.Error as e:  # a bad --config argument or field: one line, exit 2
-    print(f"error: {flag_error(e)}", file=sys.stderr)
-    return 2
   except (FileNotFoundError, ValueError, loop.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

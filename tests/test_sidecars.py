@@ -1,6 +1,5 @@
 """Score CSVs as contracts (issue 23): score writes only a new path or a CSV it wrote, every CSV
 has a sidecar saying what made it, and --resume / merge refuse a mismatch, naming the field."""
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -8,27 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from test_score import _main, _rows, _score  # the score CSV helpers, one copy
 
-from iqa_jax import score as score_cli  # the command
 from iqa_jax.inference import exported as export
 from iqa_jax.inference import score_csv as score
 from iqa_jax.inference.scorer import load_model, model_fingerprint
-
-
-def _rows(path):
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _main(*args) -> int:
-  try:
-    return score_cli.main([str(a) for a in args])
-  except SystemExit as e:  # argparse's own errors
-    return e.code
-
-
-def _score(model, out, *args) -> int:
-  return _main("--model", model, "--out", out, "--no-progress", "--batch-size", 4, *args)
 
 
 def _one_line(capsys) -> str:

@@ -94,20 +94,33 @@ def read_head_state(ckpt: Path) -> dict[str, np.ndarray]:
         f"folders shipped in its pretrained_checkpoints/ lack it (its .gitignore drops *.pt), and "
         f"since train.py trains every backbone weight the adapter alone is not the model; copy "
         f"mlp.pt from the training machine's checkpoints/ or best_checkpoints/ folder")
+  state = _torch_load(path, lambda e: (
+      f"{path} is not a torch state_dict ({type(e).__name__}: {e}); save it with "
+      f"torch.save(mlp.state_dict(), ...)"))
+  import torch  # _torch_load has imported it
+  if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    raise OfficialCheckpointError(f"{path} does not hold a state_dict of tensors; save it with "
+                                  f"torch.save(mlp.state_dict(), ...)")
+  return _as_numpy(state)
+
+
+def _torch_load(path: Path, unreadable) -> object:
+  """torch.load(path, weights_only=True) on the CPU; `unreadable(e)` says what is wrong."""
   try:
     import torch
   except ImportError:
     raise OfficialCheckpointError(f"{path} is a torch pickle and reading it needs torch: "
                                   f"pip install torch") from None
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
-    raise OfficialCheckpointError(f"{path} is not a torch state_dict ({type(e).__name__}: "
-                                  f"{e}); save it with torch.save(mlp.state_dict(), ...)") from None
-  if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-    raise OfficialCheckpointError(f"{path} does not hold a state_dict of tensors; save it with "
-                                  f"torch.save(mlp.state_dict(), ...)")
-  return {k.removeprefix("module."): v.detach().float().cpu().numpy() for k, v in state.items()}
+    raise OfficialCheckpointError(unreadable(e)) from None
+
+
+def _as_numpy(state_dict) -> dict[str, np.ndarray]:
+  """A torch state_dict -> float32 numpy arrays, DataParallel's `module.` prefix dropped."""
+  return {k.removeprefix("module."): v.detach().float().cpu().numpy()
+          for k, v in state_dict.items()}
 
 
 def read_resume_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -117,24 +130,13 @@ def read_resume_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.n
   if not path.is_file():
     raise OfficialCheckpointError(f"--resume-state {path} not found: the official train.py "
                                   f"writes resume_state/<stage_name>_latest.pt")
-  try:
-    import torch
-  except ImportError:
-    raise OfficialCheckpointError(f"{path} is a torch pickle and reading it needs torch: "
-                                  f"pip install torch") from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
-    raise OfficialCheckpointError(f"{path} cannot be read with weights_only=True ("
-                                  f"{type(e).__name__}); pass the official resume_state "
-                                  f"file") from None
+  state = _torch_load(path, lambda e: (
+      f"{path} cannot be read with weights_only=True ({type(e).__name__}); pass the official "
+      f"resume_state file"))
   if not isinstance(state, dict) or not {"model_state_dict", "mlp_state_dict"} <= state.keys():
     raise OfficialCheckpointError(f"{path} has no model_state_dict and mlp_state_dict: not a "
                                   f"resume_state file of the official train.py")
-
-  def numpy(sd):
-    return {k.removeprefix("module."): v.detach().float().cpu().numpy() for k, v in sd.items()}
-  return numpy(state["model_state_dict"]), numpy(state["mlp_state_dict"])
+  return _as_numpy(state["model_state_dict"]), _as_numpy(state["mlp_state_dict"])
 
 
 def split_peft_state(state: dict[str, np.ndarray]) -> tuple[dict, dict]:
