@@ -11,12 +11,23 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(ValueError):
-  """An image file that cannot be read; the message names the file and the fix."""
+  """An image file that cannot be read: str() names the file and the fix in training; `reason`
+  says only what is wrong with it (scoring says its own fix)."""
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message, reason or message)  # both in args: it pickles whole
+
+  def __str__(self) -> str:
+    return self.args[0]
+
+  @property
+  def reason(self) -> str:
+    return self.args[1]
 
 
 def _fail(path: str, why: str) -> ImageError:
   return ImageError(f"{path}: {why}. Fix or remove the file (or drop its annotation row), "
-                    "or set data.on_error=skip to skip it and log it.")
+                    "or set data.on_error=skip to skip it and log it.", reason=f"{path}: {why}")
 
 
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:

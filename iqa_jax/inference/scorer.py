@@ -95,13 +95,10 @@ def _given(item) -> str:
   return "None" if item is None else f"a {type(item).__name__} ({item!r:.40})"
 
 
-# Training's advice for an unreadable image (data.on_error=skip) does not apply to scoring.
-_TRAINING_ADVICE = ". Fix or remove the file"
-
-
 def input_error(e: Exception) -> str:
-  """One line for an input that could not be scored; what to do is the caller's to say."""
-  msg = str(e).split(_TRAINING_ADVICE)[0] if isinstance(e, image_io.ImageError) else str(e)
+  """One line for an input that could not be scored; what to do is the caller's to say (an
+  ImageError's `reason`, without training's advice of data.on_error=skip)."""
+  msg = e.reason if isinstance(e, image_io.ImageError) else str(e)
   return f"{type(e).__name__}: {msg}".replace("\n", " ")
 
 
