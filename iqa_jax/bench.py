@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa_jax.analysis import xprof
 from iqa_jax.analysis.compute import compiled_bytes as _compiled_bytes
 from iqa_jax.analysis.compute import xla_flops as _xla_flops
 from iqa_jax.defaults import load_config_file
@@ -199,8 +200,10 @@ def count_flops(config, batch: int, infer_batch: int) -> dict:
 
 
 def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
-        feed: str = "device", host_sync: bool = False) -> dict:
-  """Times the train step and the eval step of `config` on random weights and images."""
+        feed: str = "device", host_sync: bool = False, profile: str | None = None,
+        top: int = 15) -> dict:
+  """Times the train step and the eval step of `config` on random weights and images; with
+  `profile` (a folder), then traces 2 more steps of each and adds their top ops."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
@@ -268,6 +271,11 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
     train_s = time.perf_counter() - t0
   jax.block_until_ready(box["state"])
   train_peak = _peak_bytes()
+  profiles = {}
+  if profile and mode == "sharded":
+    profiles["train"] = xprof.summary(xprof.trace(
+        lambda: jax.block_until_ready(one_step(device_batch)), 2, Path(profile) / "train"),
+        train_step.as_text(), 2, top)
   loss = float(one_step(device_batch)["loss"])
 
   eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
@@ -280,6 +288,10 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   infer_compile = time.perf_counter() - t0
   _timed(lambda: compiled_eval(params, x), warmup)
   infer_s = _timed(lambda: compiled_eval(params, x), steps)
+  if profile:
+    profiles["inference"] = xprof.summary(xprof.trace(
+        lambda: jax.block_until_ready(compiled_eval(params, x)), 2, Path(profile) / "inference"),
+        compiled_eval.as_text(), 2, top)
 
   fwd = hand_forward_flops(config, model, size)
   train_ips, infer_ips = batch * steps / train_s, infer_batch * steps / infer_s
@@ -308,6 +320,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "xla_train_tflops": None if xla_train is None else xla_train * steps / train_s / 1e12,
       "xla_infer_tflops": None if xla_eval is None else xla_eval * steps / infer_s / 1e12,
       "loss": loss, "backbone": config.model.backbone,
+      "profile": profiles,
       "tower": ({k: getattr(model.backbone.cfg, k) for k in SIGLIP_SHAPE}
                 if config.model.backbone == "siglip" else None),
   }
@@ -377,6 +390,10 @@ def report(r: dict, ref: dict | None = None) -> None:
         f"{_fmt(r['infer_tflops'], '', 3)} (model FLOPs, {_fmt(r['forward_gflop_per_img'], '', 4)}"
         f" GFLOP/img forward); XLA-counted train {_fmt(r['xla_train_tflops'], '', 3)}, "
         f"inference {_fmt(r['xla_infer_tflops'], '', 3)}")
+  for name, p in r.get("profile", {}).items():
+    print(f"profile    {name} step: {p['kernel_ms']:.0f} ms of kernels (all threads); top "
+          f"{len(p['by_source'])} by model source, every layer together (by op in BENCH_JSON):")
+    print("\n".join("  " + line for line in xprof.format_rows(p["by_source"])))
   if ref is not None:
     mem = ref.get("train_peak_mib")
     where = ref.get("device") or f"{ref['stack']}, {ref['threads']} threads"
@@ -407,7 +424,13 @@ def main(argv=None) -> int:
                   help="config override, e.g. model.remat=dots (repeatable)")
   ap.add_argument("--vs-torch", default=None, metavar="PATH", help="torch_reference.py to compare")
   ap.add_argument("--torch-compile", action="store_true", help="pass --compile to the reference")
+  ap.add_argument("--profile", default=None, metavar="DIR",
+                  help="after timing, trace 2 steps of each into DIR and print the top XLA ops "
+                  "(the trace opens in TensorBoard/xprof)")
+  ap.add_argument("--top", type=int, default=15, help="ops listed by --profile")
   a = ap.parse_args(argv)
+  if a.profile:
+    xprof.enable_traceme()
 
   config = load_config_file(a.config)
   config.model.init = None
@@ -437,7 +460,8 @@ def main(argv=None) -> int:
     if ref is None:
       print("torch      skipped: torch with CUDA is not present here (on a CPU, pass "
             "../shared/anchors/torch_cpu_reference.py)")
-  r = run(config, a.batch, a.infer_batch, a.steps, a.warmup, a.feed, a.host_sync)
+  r = run(config, a.batch, a.infer_batch, a.steps, a.warmup, a.feed, a.host_sync, a.profile,
+          a.top)
   if on_cpu:  # after JAX, at the shape it timed, on the same cores
     try:
       ref = torch_reference(a.vs_torch, a.batch, a.infer_batch, a.steps, a.tiny,

@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # backbone compute; head, LoRA and gates stay float32 (App. B.1)
   c.model.remat = "nothing"  # none | nothing | dots | everything (per encoder block)
   c.model.scan = True
-  c.model.attention = "auto"  # auto (cuDNN flash on GPU) | xla | cudnn
+  c.model.attention = "auto"  # auto (cuDNN on GPU, heads_major on CPU) | xla | cudnn | heads_major
   c.model.param_dtype = "float32"  # frozen backbone weights stored in this dtype (bfloat16: half)
 
   # Analyses (Table 4, Table S3; docs: README "Analyses"). Defaults leave the paper's head as is.

@@ -34,10 +34,11 @@ def test_tiny_bench_prints_its_figures_and_the_cpu_ratio(capsys, tmp_path):
   reference = tmp_path / "torch_cpu_reference.py"
   reference.write_text(FAKE_CPU_REFERENCE)
   assert bench.main(["--config", "configs/siglip2_gated.py", "--batch", "8", "--infer-batch", "8",
-                     "--steps", "2", "--warmup", "1", "--tiny",
-                     "--vs-torch", str(reference)]) == 0
+                     "--steps", "2", "--warmup", "1", "--tiny", "--profile",
+                     str(tmp_path / "profile"), "--vs-torch", str(reference)]) == 0
   out = capsys.readouterr().out
-  for label in ("train ", "inference ", "memory ", "compile ", "TFLOP/s ", "torch ", "ratio "):
+  for label in ("train ", "inference ", "memory ", "compile ", "TFLOP/s ", "torch ", "ratio ",
+                "profile    train step", "profile    inference step"):
     assert f"\n{label}" in "\n" + out, out
   r = json.loads(out.split("BENCH_JSON ", 1)[1])
   assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
@@ -47,6 +48,11 @@ def test_tiny_bench_prints_its_figures_and_the_cpu_ratio(capsys, tmp_path):
   # XLA's own count of the compiled eval step agrees with the analytic one.
   assert r["xla_infer_tflops"] / r["infer_tflops"] == pytest.approx(1.0, abs=0.3)
   assert r["train_peak_mib"] is not None or r["train_compiled_mib"] > 0
+  # --profile: kernel time per step, its ops named by the model source that made them.
+  for step in ("train", "inference"):
+    p = r["profile"][step]
+    assert p["kernel_ms"] > 0 and 0 < sum(row["share"] for row in p["top"]) <= 1 + 1e-9
+    assert any("encoder_layers" in row["source"] for row in p["by_source"]), p["by_source"]
   # The CPU anchor ran after the JAX side at the tower, batches and steps that were timed.
   asked = json.loads((tmp_path / "torch_cpu_reference.py.args").read_text())
   t = bench.TINY_ARCH

@@ -6,16 +6,40 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "heads_major")
 
-def pick_implementation(requested: str, dtype) -> str | None:
-  """'auto' takes cuDNN flash attention on GPU for 16-bit inputs, XLA elsewhere."""
+
+def pick_implementation(requested: str, dtype) -> str:
+  """'auto': cuDNN flash attention on GPU for 16-bit inputs, heads-major einsums on the CPU, and
+  `jax.nn.dot_product_attention`'s XLA path elsewhere.
+
+  On the CPU, heads-major einsums run the B/16@224 attention 2-3x faster than
+  `jax.nn.dot_product_attention` (docs/performance.md) with the same float32 scores.
+  """
   if requested == "auto":
-    on_gpu = jax.default_backend() == "gpu"
+    backend = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if on_gpu and half else "xla"
-  if requested not in ("xla", "cudnn"):
-    raise ValueError(f"model.attention must be auto|xla|cudnn, got {requested!r}")
+    if backend == "gpu" and half:
+      return "cudnn"
+    return "heads_major" if backend == "cpu" else "xla"
+  if requested not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention must be {'|'.join(IMPLEMENTATIONS)}, got {requested!r}")
   return requested
+
+
+def heads_major_attention(q, k, v, mask=None):
+  """Softmax attention on (B, T, H, D) heads, computed as (B, H, T, D) batched products.
+
+  The same sums as `jax.nn.dot_product_attention`'s XLA path (logits and softmax in float32),
+  laid out so that the CPU's batched matrix products see contiguous heads.
+  """
+  scale = q.shape[-1] ** -0.5
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
 def attention(q, k, v, num_heads: int, implementation: str = "auto", mask=None):
@@ -26,9 +50,12 @@ def attention(q, k, v, num_heads: int, implementation: str = "auto", mask=None):
     return t.reshape(t.shape[0], t.shape[1], num_heads, d // num_heads)
 
   impl = pick_implementation(implementation, q.dtype)
-  if mask is not None:
+  if impl == "cudnn" and mask is not None:
     impl = "xla"
-  out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask, implementation=impl)
+  if impl == "heads_major":
+    out = heads_major_attention(split(q), split(k), split(v), mask=mask)
+  else:
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask, implementation=impl)
   return out.reshape(b, tq, d)
 
 
