@@ -391,6 +391,10 @@ def report(r: dict, ref: dict | None = None) -> None:
         f" GFLOP/img forward); XLA-counted train {_fmt(r['xla_train_tflops'], '', 3)}, "
         f"inference {_fmt(r['xla_infer_tflops'], '', 3)}")
   for name, p in r.get("profile", {}).items():
+    if not p["top"]:
+      print(f"profile    {name} step: no XLA kernel events (the backend started before "
+            f"--profile could add {xprof.TRACEME_FLAG} to XLA_FLAGS)")
+      continue
     print(f"profile    {name} step: {p['kernel_ms']:.0f} ms of kernels (all threads); top "
           f"{len(p['by_source'])} by model source, every layer together (by op in BENCH_JSON):")
     print("\n".join("  " + line for line in xprof.format_rows(p["by_source"])))

@@ -3,8 +3,8 @@
 On the CPU, XLA names each of its kernels (a fusion, a dot, a copy) with an event on the
 thread-pool lines of the trace when the backend starts with `--xla_cpu_enable_xprof_traceme`
 (`TRACEME_FLAG`; `bench --profile` sets it). `top_ops` adds up those events by op name, over
-all threads, per traced step, and joins each name with its line of the compiled HLO text, so
-that a row says what the op computes (`dot(f32[16,197,768] ...)`, `fusion(...), kind=kLoop`).
+all threads, per traced step, and joins each name with the compiled HLO, so that a row says
+what the op computes (`f32[3136,768]{1,0} fusion kCustom [dot]`) and which model path made it.
 """
 from __future__ import annotations
 
@@ -72,11 +72,8 @@ def trace(fn, steps: int, trace_dir: str | Path) -> Path:
   return max(trace_dir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
 
 
-def top_ops(xplane: str | Path, hlo_text: str, steps: int, top: int = 15,
-            by: str = "op") -> tuple[list[dict], float]:
-  """The `top` ops by time per step (name, ms, share of all kernel time, calls, HLO
-  description, model source), and all kernel time per step in ms, summed over threads.
-  `by="source"` adds ops up by their model path instead (every layer's `mlp/fc1` together)."""
+def kernel_times(xplane: str | Path) -> tuple[collections.Counter, collections.Counter]:
+  """Op name -> kernel ns and -> calls, over all of XLA's threads in the trace."""
   from jax.profiler import ProfileData
 
   total_ns, calls = collections.Counter(), collections.Counter()
@@ -88,7 +85,12 @@ def top_ops(xplane: str | Path, hlo_text: str, steps: int, top: int = 15,
         if not any(s in event.name for s in _NOT_KERNELS):
           total_ns[event.name] += event.duration_ns
           calls[event.name] += 1
-  ops, all_ns = hlo_ops(hlo_text), sum(total_ns.values()) or 1.0
+  return total_ns, calls
+
+
+def _rank(times, ops: dict, steps: int, top: int, by: str) -> tuple[list[dict], float]:
+  total_ns, calls = times
+  all_ns = sum(total_ns.values()) or 1.0
   if by == "source":
     grouped_ns, grouped_calls = collections.Counter(), collections.Counter()
     for name, ns in total_ns.items():
@@ -100,14 +102,22 @@ def top_ops(xplane: str | Path, hlo_text: str, steps: int, top: int = 15,
            "calls": calls[name] // steps, "hlo": ops.get(name, {}).get("desc", ""),
            "source": ops.get(name, {}).get("source", name if by == "source" else "")}
           for name, ns in total_ns.most_common(top)]
-  return rows, all_ns / 1e6 / steps
+  return rows, sum(times[0].values()) / 1e6 / steps
+
+
+def top_ops(xplane: str | Path, hlo_text: str, steps: int, top: int = 15,
+            by: str = "op") -> tuple[list[dict], float]:
+  """The `top` ops by time per step (name, ms, share of all kernel time, calls, HLO
+  description, model source), and all kernel time per step in ms, summed over threads.
+  `by="source"` adds ops up by their model path instead (every layer's `mlp/fc1` together)."""
+  return _rank(kernel_times(xplane), hlo_ops(hlo_text), steps, top, by)
 
 
 def summary(xplane: str | Path, hlo_text: str, steps: int, top: int = 15) -> dict:
   """bench --profile's record: kernel ms per step and the top ops by op and by source."""
-  by_op, ms = top_ops(xplane, hlo_text, steps, top)
-  return {"kernel_ms": ms, "top": by_op,
-          "by_source": top_ops(xplane, hlo_text, steps, top, by="source")[0]}
+  times, ops = kernel_times(xplane), hlo_ops(hlo_text)  # read and parsed once, ranked twice
+  by_op, ms = _rank(times, ops, steps, top, "op")
+  return {"kernel_ms": ms, "top": by_op, "by_source": _rank(times, ops, steps, top, "source")[0]}
 
 
 def format_rows(rows: list[dict], width: int = 70) -> list[str]:
