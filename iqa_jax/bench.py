@@ -9,8 +9,8 @@ python -m iqa_jax.bench --tiny --batch 8 --vs-torch ../shared/anchors/torch_cpu_
 
 Prints train img/s, inference img/s, peak device memory, compile time and TFLOP/s, then one
 `BENCH_JSON {...}` line. `--set KEY=VALUE` overrides a config field (the levers: model.remat,
-model.attention, model.param_dtype, parallel, donate, prefetch, compilation_cache). `--vs-torch`
-runs the paper's PyTorch stack in a subprocess and prints the ratios: on a GPU
+model.attention, model.param_dtype, cpu_dots, parallel, donate, prefetch, compilation_cache).
+`--vs-torch` runs the paper's PyTorch stack in a subprocess and prints the ratios: on a GPU
 ../shared/anchors/torch_reference.py first (where torch sees CUDA); on a CPU
 ../shared/anchors/torch_cpu_reference.py after the JAX side, at the SigLIP shape, batches and
 steps it timed (`--set model.arch=...`, `--set data.image_size=...`, `--batch`, `--infer-batch`).
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa_jax import xla_cpu
 from iqa_jax.analysis import xprof
 from iqa_jax.analysis.compute import compiled_bytes as _compiled_bytes
 from iqa_jax.analysis.compute import xla_flops as _xla_flops
@@ -231,7 +232,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   train_step = parallel.jit_train_step(functools.partial(
       make_train_step, model, tx, labels, grad_accum=accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight),
-      mesh, mode, donate=config.get("donate", True))
+      mesh, mode, donate=config.get("donate", True), cpu_dots=config.get("cpu_dots", "auto"))
   rng = np.random.default_rng(0)
   host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
           "mos": rng.uniform(size=batch).astype(np.float32)}
@@ -278,7 +279,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
         train_step.as_text(), 2, top)
   loss = float(one_step(device_batch)["loss"])
 
-  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, config.get("cpu_dots", "auto"))
   images = rng.standard_normal((infer_batch, size, size, 3), np.float32)
   x = jax.make_array_from_callback(images.shape, NamedSharding(mesh, P(parallel.AXIS)),
                                    lambda idx: images[idx])
@@ -308,6 +309,8 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "image_size": size, "steps": steps, "feed": feed, "finetune": finetune,
       "dtype": config.model.dtype, "param_dtype": config.model.get("param_dtype", "float32"),
       "remat": config.model.remat, "attention": config.model.attention,
+      "cpu_dots": (xla_cpu.resolve(config.get("cpu_dots", "auto"))
+                   if devices[0].platform == "cpu" else None),
       "donate": config.get("donate", True), "train_img_s": train_ips,
       "infer_img_s": infer_ips, "train_step_ms": 1e3 * train_s / steps,
       "train_compile_s": train_compile, "infer_compile_s": infer_compile,
@@ -374,7 +377,8 @@ def _fmt(v, unit: str = "", digits: int = 1) -> str:
 def report(r: dict, ref: dict | None = None) -> None:
   print(f"device     {r['device']}, parallel {r['parallel']}; {r['finetune']}, dtype {r['dtype']}"
         f" (frozen weights {r['param_dtype']}), remat {r['remat']}, attention {r['attention']}"
-        f", donate {r['donate']}, {r['image_size']}px")
+        + (f", cpu dots {r['cpu_dots']}" if r.get("cpu_dots") else "")
+        + f", donate {r['donate']}, {r['image_size']}px")
   print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
         f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")
   print(f"inference  batch {r['infer_batch']}: {_fmt(r['infer_img_s'])} img/s")

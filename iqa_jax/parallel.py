@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from iqa_jax import xla_cpu
+
 AXIS = "data"
 MODES = ("sharded", "pmap")
 
@@ -168,12 +170,17 @@ def prefetch_to_device(batches: Iterable[dict], put: Callable[[dict], dict],
     yield queue.popleft()
 
 
+def _options(mesh: Mesh, cpu_dots: str) -> dict | None:
+  return xla_cpu.compiler_options(mesh.devices.flat, cpu_dots)
+
+
 def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "sharded",
-                   donate: bool = True) -> Callable:
+                   donate: bool = True, cpu_dots: str = "auto") -> Callable:
   """-> step(state, batch) -> (state, metrics) on the mesh, batch from `put_batch(mode=mode)`.
 
   `make_step(**kw)` builds the per-step function (e.g. a partial of steps.make_train_step); it
   gets micro_batched=True, and axis_name in pmap mode. State and metrics come back replicated.
+  cpu_dots: the dot kernels on a CPU mesh (xla_cpu.DOTS; "sharded" mode, pmap takes no options).
   """
   if mode not in MODES:
     raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
@@ -182,7 +189,7 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
   if mode == "sharded":
     return jax.jit(make_step(micro_batched=True), donate_argnums=donate_argnums,
                    in_shardings=(rep, NamedSharding(mesh, P(None, AXIS))),
-                   out_shardings=(rep, rep))
+                   out_shardings=(rep, rep), compiler_options=_options(mesh, cpu_dots))
   pmapped = jax.pmap(make_step(micro_batched=True, axis_name=AXIS), AXIS, in_axes=(None, 1),
                      out_axes=None, donate_argnums=donate_argnums, devices=list(mesh.devices.flat))
   if jax.process_count() == 1:
@@ -197,7 +204,7 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
 
 
 def jit_train_epoch(make_step: Callable[..., Callable], mesh: Mesh,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, cpu_dots: str = "auto") -> Callable:
   """-> epoch(state, table, rows) -> (state, metrics stacked over steps): ONE jitted lax.scan of
   the train step over a whole epoch whose examples are already on the devices ("sharded" mode,
   one process).
@@ -218,17 +225,18 @@ def jit_train_epoch(make_step: Callable[..., Callable], mesh: Mesh,
   rep = replicated(mesh)
   return jax.jit(epoch, donate_argnums=(0,) if donate else (),
                  in_shardings=(rep, rep, NamedSharding(mesh, P(None, None, AXIS))),
-                 out_shardings=(rep, rep))
+                 out_shardings=(rep, rep), compiler_options=_options(mesh, cpu_dots))
 
 
-def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+def jit_eval_step(eval_step: Callable, mesh: Mesh, cpu_dots: str = "auto") -> Callable:
   """-> fn(params, images) -> scores, the batch split over the mesh (both modes).
 
   Every process passes the same whole batch (eval loaders are not sharded) and gets every score.
   A batch that does not divide over the devices is zero-padded and the padding dropped.
   """
   data, rep = NamedSharding(mesh, P(AXIS)), replicated(mesh)
-  jitted = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
+  jitted = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep,
+                   compiler_options=_options(mesh, cpu_dots))
 
   def run(params, images):
     n = images.shape[0]

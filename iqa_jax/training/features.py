@@ -4,6 +4,7 @@ Files, fingerprint, resuming and the command: iqa_jax/features.py (python -m iqa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from iqa_jax import xla_cpu
 from iqa_jax.data import cache as cache_lib
 from iqa_jax.data import pipeline, pp
 from iqa_jax.models.head import QualityHead
@@ -216,7 +218,8 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
   folder.mkdir(parents=True, exist_ok=True)
   done = json.loads((folder / PROGRESS).read_text())["done"] if (folder / PROGRESS).is_file() else 0
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(
+      jax.local_devices(), config.get("cpu_dots", "auto")))
   def forward(params, images):
     _, out_ = model.apply({"params": params}, images, train=False)
     for t in taps:

@@ -165,7 +165,8 @@ def epochs_in_memory(config, make_step, eval_fn, mesh, train_recs, steps: int) -
   table = parallel.put_replicated({"image": features.read_rows(folder, train_recs),
                                    "mos": np.asarray([r.mos for r in train_recs], np.float32)},
                                   mesh)
-  epoch_fn = parallel.jit_train_epoch(make_step, mesh, donate=config.donate)
+  epoch_fn = parallel.jit_train_epoch(make_step, mesh, donate=config.donate,
+                                      cpu_dots=config.get("cpu_dots", "auto"))
 
   def train(state, epoch):
     order = pipeline.epoch_order(len(train_recs), config.seed, epoch)[:steps * optim.batch_size]
@@ -278,12 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
       margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
       fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
-  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, config.get("cpu_dots", "auto"))
   if in_memory(config):
     train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
                                      steps_per_epoch)
   else:
-    train_step = parallel.jit_train_step(make_step, mesh, mode, donate=config.donate)
+    train_step = parallel.jit_train_step(make_step, mesh, mode, donate=config.donate,
+                                         cpu_dots=config.get("cpu_dots", "auto"))
     put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
                             grad_accum=optim.grad_accum, keys=("image", "mos"))
     train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,

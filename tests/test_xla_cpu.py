@@ -1,0 +1,123 @@
+"""The CPU dot kernels (iqa_jax/xla_cpu.py): each choice reaches the compiled program, and the
+scores and a train step agree with XLA's default kernels up to float32 rounding."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iqa_jax import parallel, xla_cpu
+from iqa_jax.defaults import base_config
+from iqa_jax.models.model import create_model, make_eval_step
+from iqa_jax.training.optim import make_optimizer
+from iqa_jax.training.steps import TrainState, make_train_step
+
+# Scores of the tiny tower below (up to 0.44 in size): measured at most 6e-7 apart between the
+# kernels (B/16 at 224 px: 1.1e-6). Loss: 4.5e-8; gradient norm: 1.4e-6 of itself.
+# Params after one Adam step of lr 1e-3: 1e-5 (eigen) and 5.6e-5 (onednn) apart, because Adam's
+# first step is lr * g / |g| per element and so carries an element's rounding at the scale of
+# lr where its gradient is near zero; the bound is a tenth of lr.
+SCORE_TOL, LOSS_TOL, GRAD_NORM_RTOL, PARAM_TOL = 1e-6, 1e-6, 5e-6, 1e-4
+
+
+KERNELS = ("__ynn_fusion", "__onednn_fusion")
+
+
+def _kernels(compiled_text: str) -> dict[str, int]:
+  """How many library fusions of each kind the compiled program calls."""
+  return {k: compiled_text.count(f'"kind":"{k}"') for k in KERNELS}
+
+
+def _dot_kernels(dots: str) -> set[str]:
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  w = jax.ShapeDtypeStruct((32, 48), jnp.float32)
+  options = xla_cpu.compiler_options(jax.devices(), dots)
+  found = _kernels(jax.jit(jnp.dot, compiler_options=options).lower(x, w).compile().as_text())
+  return {k for k, n in found.items() if n}
+
+
+def test_each_choice_reaches_the_compiled_dot():
+  assert _dot_kernels("ynnpack") == {"__ynn_fusion"}  # jax 0.10's default: YNNPACK
+  assert _dot_kernels("eigen") == set()  # XLA's own dot thunk
+  assert _dot_kernels("onednn") == {"__onednn_fusion"}
+  assert _dot_kernels("auto") == _dot_kernels("eigen")
+
+
+def test_auto_follows_the_environment_and_bad_names_say_where(monkeypatch):
+  monkeypatch.delenv(xla_cpu.ENV, raising=False)
+  assert xla_cpu.resolve("auto") == xla_cpu.resolve(None) == "eigen"
+  monkeypatch.setenv(xla_cpu.ENV, "onednn")
+  assert xla_cpu.resolve("auto") == "onednn"
+  assert xla_cpu.resolve("ynnpack") == "ynnpack"  # a config's own choice wins
+  monkeypatch.setenv(xla_cpu.ENV, "mkl")
+  with pytest.raises(ValueError, match=r"\$IQA_JAX_CPU_DOTS='mkl': choose one of auto, eigen"):
+    xla_cpu.resolve("auto")
+  with pytest.raises(ValueError, match=r"^cpu_dots='fast'"):
+    xla_cpu.resolve("fast")
+
+
+def test_no_options_off_the_cpu_or_where_xla_rejects_them(monkeypatch):
+  class Gpu:
+    platform = "gpu"
+  assert xla_cpu.compiler_options([Gpu()], "eigen") is None
+  assert xla_cpu.compiler_options(jax.devices(), "ynnpack") is None
+  monkeypatch.setitem(xla_cpu._OPTIONS, "eigen", {"xla_cpu_no_such_option": True})
+  with pytest.warns(UserWarning, match="does not take the CPU dot options"):
+    assert xla_cpu.compiler_options(jax.devices(), "eigen") is None
+
+
+def _tiny():
+  c = base_config()
+  c.model.init = None
+  c.model.arch = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, patch_size=8, image_size=32)
+  c.model.dtype = "float32"
+  c.model.lora.dropout = 0.0
+  c.data.image_size = 32
+  c.optim.lr = c.optim.backbone_lr = 1e-3
+  c.optim.schedule = "constant"
+  return c
+
+
+def _max_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def steps_by_kernel():
+  config = _tiny()
+  model, params, _ = create_model(config)
+  tx, labels = make_optimizer(config, params, steps_per_epoch=10)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+  batch = {"image": images, "mos": rng.uniform(size=8).astype(np.float32)}
+  mesh = parallel.make_mesh()
+  out = {}
+  for dots in ("ynnpack", "eigen", "onednn"):
+    score = parallel.jit_eval_step(make_eval_step(model), mesh, dots)
+    step = parallel.jit_train_step(functools.partial(make_train_step, model, tx, labels,
+                                                     with_grad_norm=True), mesh,
+                                   donate=False, cpu_dots=dots)
+    new, metrics = step(state, parallel.put_batch(batch, mesh))
+    out[dots] = {"scores": np.asarray(score(params, images)), "loss": float(metrics["loss"]),
+                 "grad_norm": float(metrics["grad_norm"]),
+                 "params": new.params,
+                 "kernels": _kernels(score.jitted.lower(params, images).compile().as_text())}
+  return out
+
+
+@pytest.mark.parametrize("dots", ["eigen", "onednn"])
+def test_scores_and_a_train_step_match_the_default_kernels(steps_by_kernel, dots):
+  ref, got = steps_by_kernel["ynnpack"], steps_by_kernel[dots]
+  # Another program, not the default under a new name: fewer YNNPACK fusions (it keeps the
+  # reductions), and oneDNN's where asked for.
+  assert got["kernels"]["__ynn_fusion"] < ref["kernels"]["__ynn_fusion"]
+  assert (got["kernels"]["__onednn_fusion"] > 0) == (dots == "onednn")
+  assert np.abs(got["scores"] - ref["scores"]).max() <= SCORE_TOL
+  assert abs(got["loss"] - ref["loss"]) <= LOSS_TOL
+  assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=GRAD_NORM_RTOL)
+  assert _max_diff(got["params"], ref["params"]) <= PARAM_TOL
