@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_parallel import _max_diff  # the max |diff| over two param trees
 
 from iqa_jax import parallel, xla_cpu
 from iqa_jax.defaults import base_config
@@ -78,11 +79,6 @@ def _tiny():
   c.optim.lr = c.optim.backbone_lr = 1e-3
   c.optim.schedule = "constant"
   return c
-
-
-def _max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @pytest.fixture(scope="module")
