@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # backbone compute; head, LoRA and gates stay float32 (App. B.1)
   c.model.remat = "nothing"  # none | nothing | dots | everything (per encoder block)
   c.model.scan = True
+  c.model.scan_unroll = "auto"  # auto (unrolled to train on CPU without remat) | loop | full
   c.model.attention = "auto"  # auto (cuDNN on GPU, heads_major on CPU) | xla | cudnn | heads_major
   c.model.param_dtype = "float32"  # frozen backbone weights stored in this dtype (bfloat16: half)
 

@@ -66,8 +66,8 @@ class ClipVision(tower.TransformerTower):
 
     layer = functools.partial(siglip.EncoderLayer, cfg, self.dtype, self.lora,
                               self.attention_impl)
-    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
-                           name="encoder_layers")(x, deterministic=not train)
+    x, out = self.encoder(layer, cfg.num_hidden_layers, "encoder_layers")(
+        x, deterministic=not train)
     out["encoded"] = x  # HF last_hidden_state: post_layernorm touches only the pooled CLS
     pooled = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x[:, 0])
     out["pooler_output"] = pooled

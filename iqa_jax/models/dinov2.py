@@ -146,8 +146,7 @@ class Dinov2(tower.TransformerTower):
     layer = functools.partial(
         Layer, functools.partial(SelfAttention, cfg, self.dtype, self.lora, self.attention_impl),
         mlp, cfg.layer_norm_eps, cfg.layerscale_value, self.dtype)
-    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
-                           name="encoder_layer")(x, deterministic=not train)
+    x, out = self.encoder(layer, cfg.num_hidden_layers, "encoder_layer")(x, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
     out["encoded"] = x  # HF last_hidden_state
     pooled = pool_tokens(x, self.pool, 1)

@@ -166,7 +166,7 @@ class Dinov3(tower.TransformerTower):
                                         self.attention_impl),
         functools.partial(Mlp, cfg, self.dtype), cfg.layer_norm_eps, cfg.layerscale_value,
         self.dtype)
-    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat, name="layer")(
+    x, out = self.encoder(layer, cfg.num_hidden_layers, "layer")(
         x, rope, deterministic=not train)
     out["encoded"] = x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm")(x)
     # HF's last_hidden_state holds CLS, registers and patches: all are pooled.

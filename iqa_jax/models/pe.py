@@ -166,8 +166,8 @@ class PerceptionEncoder(tower.TransformerTower):
     rope = tuple(jnp.asarray(t, self.dtype) for t in rope_tables((gh, gw), d // cfg.num_heads, cfg))
 
     layer = functools.partial(Block, cfg, self.dtype, self.lora, self.attention_impl)
-    x, out = tower.Encoder(layer, num_blocks(cfg, self.tap_layer), self.scan, self.remat,
-                           name="blocks")(x, rope, deterministic=not train)
+    x, out = self.encoder(layer, num_blocks(cfg, self.tap_layer), "blocks")(
+        x, rope, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="norm")(x)
     out["encoded"] = x
     pooled = AttentionPool(cfg, self.dtype, name="attn_pool")(x)

@@ -118,8 +118,8 @@ class SiglipVision(tower.TransformerTower):
     x = x + resample_grid(posemb, (native, native), (gh, gw)).astype(self.dtype)[None]
 
     layer = functools.partial(EncoderLayer, cfg, self.dtype, self.lora, self.attention_impl)
-    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
-                           name="encoder_layers")(x, deterministic=not train)
+    x, out = self.encoder(layer, cfg.num_hidden_layers, "encoder_layers")(
+        x, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
     out["encoded"] = x
     if cfg.vision_use_head:

@@ -176,8 +176,8 @@ class Siglip2NaflexVision(tower.TransformerTower):
 
     layer = functools.partial(siglip.EncoderLayer, cfg, self.dtype, self.lora,
                               self.attention_impl)
-    x, out = tower.Encoder(layer, cfg.num_hidden_layers, self.scan, self.remat,
-                           name="encoder_layers")(x, mask, deterministic=not train)
+    x, out = self.encoder(layer, cfg.num_hidden_layers, "encoder_layers")(
+        x, mask, deterministic=not train)
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
     out["encoded"] = x
     out["spatial_shapes"] = grids

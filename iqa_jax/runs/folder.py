@@ -32,7 +32,8 @@ RUN_FILES = (CONFIG, BASE, RESULTS, HISTORY, "splits.json", "skipped.csv", "val_
 
 # Fields that change how a run executes, never what it computes: a resume may change them.
 EXECUTION_ONLY = ("progress", "data.workers", "prefetch", "compilation_cache", "eval_batch_size",
-                  "data.cache", "donate", "distributed", "keep_epoch_checkpoints", "cpu_dots")
+                  "data.cache", "donate", "distributed", "keep_epoch_checkpoints", "cpu_dots",
+                  "model.scan_unroll")
 
 
 class RunFolderError(ValueError):

@@ -32,7 +32,8 @@ FEATURES, INDEX, PROGRESS = "features.npy", "index.json", "progress.json"
 # Every config.model field decides the feature except these, which shape only the head or how
 # training runs (a field added later counts until it is listed here: a cache is then refused
 # rather than silently reused for a backbone that computes something else).
-HEAD_AND_TRAINING_KEYS = HEAD_FIELDS + ("finetune", "lora", "remat", "scan", "attention")
+HEAD_AND_TRAINING_KEYS = HEAD_FIELDS + ("finetune", "lora", "remat", "scan", "scan_unroll",
+                                         "attention")
 DATA_KEYS = ("image_size", "pp", "normalize_on_device")
 
 

@@ -1,0 +1,63 @@
+"""model.scan_unroll: the scanned layers unrolled (tower.unrolled) compute the same train step as
+the loop, on the same stacked params, and 'auto' unrolls only where it was measured to pay."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_parallel import _max_diff  # the max |diff| over two param trees
+from test_xla_cpu import _tiny  # a 2-layer SigLIP, float32, lr 1e-3
+
+from iqa_jax import parallel
+from iqa_jax.models import tower
+from iqa_jax.models.model import create_model
+from iqa_jax.training.optim import make_optimizer
+from iqa_jax.training.steps import TrainState, make_train_step
+
+
+def test_auto_unrolls_only_a_cpu_train_step_without_remat(monkeypatch):
+  assert tower.unrolled("auto", "none", training=True)  # this suite runs on the CPU
+  assert not tower.unrolled("auto", "nothing", training=True)
+  assert not tower.unrolled("auto", "none", training=False)
+  assert tower.unrolled("full", "nothing", training=False)
+  assert not tower.unrolled("loop", "none", training=True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not tower.unrolled("auto", "none", training=True)
+  with pytest.raises(ValueError, match=r"model.scan_unroll must be auto\|loop\|full, got 'yes'"):
+    tower.unrolled("yes", "none", training=True)
+
+
+@pytest.mark.parametrize("remat", ["none", "nothing"])
+def test_unrolled_layers_train_as_the_loop(remat):
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           "mos": rng.uniform(size=4).astype(np.float32)}
+  mesh = parallel.make_mesh()
+  out = {}
+  for unroll in ("loop", "full"):
+    config = _tiny()
+    config.model.lora.dropout = 0.05  # the per-layer dropout keys must match too
+    config.model.remat, config.model.scan_unroll = remat, unroll
+    model, params, _ = create_model(config)
+    tx, labels = make_optimizer(config, params, steps_per_epoch=10)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(1))
+    step = parallel.jit_train_step(functools.partial(make_train_step, model, tx, labels,
+                                                     with_grad_norm=True), mesh, donate=False)
+    on_mesh = parallel.put_batch(batch, mesh)
+    new, metrics = step(state, on_mesh)
+    loops = step.lower(state, on_mesh).as_text().count("stablehlo.while")
+    out[unroll] = {"params": params, "new": new.params, "loss": float(metrics["loss"]),
+                   "grad_norm": float(metrics["grad_norm"]), "loops": loops}
+  loop, full = out["loop"], out["full"]
+  # The layer loops, forward and backward, are gone (the RNG keeps its own loops on the CPU).
+  assert loop["loops"] - full["loops"] == 2
+  assert _max_diff(loop["params"], full["params"]) == 0  # the same stacked params
+  # Measured: loss and gradient norm 0 apart, params 0 (remat) and 2.3e-10 (none) after the
+  # step. The bounds are float32 rounding, as two differently shaped programs may differ by it on
+  # another host; params: a hundredth of lr, as Adam's first step lr * g / |g| scales an
+  # element's rounding up to lr where its gradient is near zero (tests/test_xla_cpu.py).
+  assert full["loss"] == pytest.approx(loop["loss"], rel=1e-6)
+  assert full["grad_norm"] == pytest.approx(loop["grad_norm"], rel=1e-6)
+  assert _max_diff(loop["new"], full["new"]) <= 1e-5
