@@ -4,8 +4,10 @@ A thin entry point: the flags are parsed here, the work is done in iqa_jax.infer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
+from iqa_jax import parallel
 from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import score_csv
 from iqa_jax.inference.score_csv import (
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
                   help="exit 1 when any input could not be scored (default on)")
   ap.add_argument("--no-progress", action="store_true",
                   help="no progress bar (img/s, ETA) on stderr")
+  ap.add_argument("--compilation-cache", default="", metavar="DIR",
+                  help="persistent XLA compilation cache: a rerun skips compiling")
   a = ap.parse_args(argv)
   try:
     check_arguments(a.out, a.batch_size, a.workers, a.crops, a.view)
@@ -68,9 +72,12 @@ def main(argv=None) -> int:
     paths = expand_inputs(a.images)
     if not paths:
       raise UsageError(f"no images found in {' '.join(a.images)}")
-    summary = score_paths(a.model or a.workdir, paths, a.out, batch_size=a.batch_size,
-                          which=a.which, resume=a.resume, workers=a.workers,
-                          progress=not a.no_progress, view=a.view, crops=a.crops, shard=shard)
+    cache = (parallel.persistent_compile_cache(a.compilation_cache) if a.compilation_cache
+             else contextlib.nullcontext())  # else $JAX_COMPILATION_CACHE_DIR, if set, holds
+    with cache:
+      summary = score_paths(a.model or a.workdir, paths, a.out, batch_size=a.batch_size,
+                            which=a.which, resume=a.resume, workers=a.workers,
+                            progress=not a.no_progress, view=a.view, crops=a.crops, shard=shard)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -2,6 +2,7 @@
 pixel format scored, streaming + --resume, and scores equal the run's own predictions."""
 import csv
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -246,3 +247,25 @@ def test_symlinked_folders_are_followed_and_loops_read_once(tmp_path, capsys):
       str(inputs / "a.png"), str(inputs / "linked" / "b.png"),
       str(inputs / "linked" / "deep" / "c.jpg")]
   assert "symlink loop" in capsys.readouterr().err
+
+
+def test_a_compilation_cache_is_filled_then_read_with_the_same_scores(model_dir, val_paths,
+                                                                       tmp_path):
+  cache, hits, before = tmp_path / "xla", [], jax.config.jax_compilation_cache_dir
+
+  def on_event(event, **_):
+    hits.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
+
+  jax.monitoring.register_event_listener(on_event)
+  try:
+    assert _score(model_dir, tmp_path / "a.csv", *val_paths[:4],
+                  "--compilation-cache", cache) == 0
+    written = sorted(p.name for p in cache.iterdir())
+    assert written and not hits  # compiled once, and the program written
+    assert _score(model_dir, tmp_path / "b.csv", *val_paths[:4],
+                  "--compilation-cache", cache) == 0
+  finally:
+    jax.monitoring.unregister_event_listener(on_event)
+  assert hits and sorted(p.name for p in cache.iterdir()) == written  # read back, none added
+  assert _rows(tmp_path / "a.csv") == _rows(tmp_path / "b.csv")  # the same program's scores
+  assert jax.config.jax_compilation_cache_dir == before  # the process's own setting is back
