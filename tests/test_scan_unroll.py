@@ -26,6 +26,10 @@ def test_auto_unrolls_only_a_cpu_train_step_without_remat(monkeypatch):
   assert not tower.unrolled("auto", "none", training=True)
   with pytest.raises(ValueError, match=r"model.scan_unroll must be auto\|loop\|full, got 'yes'"):
     tower.unrolled("yes", "none", training=True)
+  config = _tiny()
+  config.model.scan_unroll = "yes"
+  with pytest.raises(ValueError, match=r"^model.scan_unroll must be"):  # when the model is built
+    create_model(config)
 
 
 @pytest.mark.parametrize("remat", ["none", "nothing"])

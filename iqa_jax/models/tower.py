@@ -194,6 +194,7 @@ def tower_kwargs(model_config, *, transformer: bool = True) -> dict:
       remat=get("remat"),
   )
   if transformer:
+    unrolled(get("scan_unroll"), get("remat"), training=False)  # a bad value stops here
     kwargs.update(scan=get("scan"), scan_unroll=get("scan_unroll"), attention_impl=get("attention"))
   return kwargs
 
