@@ -117,3 +117,32 @@ def test_scores_and_a_train_step_match_the_default_kernels(steps_by_kernel, dots
   assert abs(got["loss"] - ref["loss"]) <= LOSS_TOL
   assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=GRAD_NORM_RTOL)
   assert _max_diff(got["params"], ref["params"]) <= PARAM_TOL
+
+
+# Threefry-2x32 (20 rounds) known answers from Random123's kat_vectors: (key, counter) -> bits.
+THREEFRY_KAT = [((0, 0), (0, 0), (0x6b200159, 0x99ba4efe)),
+                ((0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0x1cb996fc, 0xbb002be7)),
+                ((0x13198a2e, 0x03707344), (0x243f6a88, 0x85a308d3), (0xc4923a9c, 0x483df7a0))]
+
+
+def test_the_unrolled_threefry_draws_the_same_bits_as_the_rolled_loop():
+  from jax._src.random import threefry2x32 as threefry
+  from jax.extend.random import threefry_2x32
+  assert xla_cpu.unrolled_threefry()
+  u32 = functools.partial(jnp.asarray, dtype=jnp.uint32)
+  for key, count, bits in THREEFRY_KAT:
+    assert [int(b) for b in jax.jit(threefry_2x32)(u32(key), u32(count))] == list(bits)
+  # A dropout mask's program now lowers without the loop, and draws jax's rolled loop's bits.
+  mask = jax.jit(lambda k: jax.random.bernoulli(k, 0.95, (8, 49, 96)))
+  assert "while" not in mask.lower(jax.random.key(3)).as_text()
+  shape = (8, 49, 96)
+  k1, k2 = jnp.full(shape, 3, jnp.uint32), jnp.full(shape, 7, jnp.uint32)
+  x1, x2 = (u32(np.random.default_rng(i).integers(0, 2**32, shape, dtype=np.uint32))
+            for i in (0, 1))
+  unrolled = jax.jit(threefry.threefry2x32_p.bind)(k1, k2, x1, x2)
+  rolled_loop = jax.jit(functools.partial(threefry._threefry2x32_lowering,
+                                          use_rolled_loops=True))
+  assert "while" in rolled_loop.lower(k1, k2, x1, x2).as_text()
+  rolled = rolled_loop(k1, k2, x1, x2)
+  for a, b in zip(unrolled, rolled, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
