@@ -309,8 +309,8 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "image_size": size, "steps": steps, "feed": feed, "finetune": finetune,
       "dtype": config.model.dtype, "param_dtype": config.model.get("param_dtype", "float32"),
       "remat": config.model.remat, "attention": config.model.attention,
-      "cpu_dots": (xla_cpu.resolve(config.get("cpu_dots", "auto"))
-                   if devices[0].platform == "cpu" else None),
+      "cpu_dots": ({p: xla_cpu.resolve(config.get("cpu_dots", "auto"), p)
+                    for p in xla_cpu.PROGRAMS} if devices[0].platform == "cpu" else None),
       "donate": config.get("donate", True), "train_img_s": train_ips,
       "infer_img_s": infer_ips, "train_step_ms": 1e3 * train_s / steps,
       "train_compile_s": train_compile, "infer_compile_s": infer_compile,
@@ -377,7 +377,8 @@ def _fmt(v, unit: str = "", digits: int = 1) -> str:
 def report(r: dict, ref: dict | None = None) -> None:
   print(f"device     {r['device']}, parallel {r['parallel']}; {r['finetune']}, dtype {r['dtype']}"
         f" (frozen weights {r['param_dtype']}), remat {r['remat']}, attention {r['attention']}"
-        + (f", cpu dots {r['cpu_dots']}" if r.get("cpu_dots") else "")
+        + (", cpu dots " + " / ".join(f"{v} ({k})" for k, v in r["cpu_dots"].items())
+           if r.get("cpu_dots") else "")
         + f", donate {r['donate']}, {r['image_size']}px")
   print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
         f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")

@@ -3,19 +3,21 @@
 On jax 0.10 the CPU backend hands every dot to YNNPACK (`__ynn_fusion`); on this project's
 2-core AVX-512 machine that reaches ~104 GFLOP/s on the ViT-B MLP's 3136x768x3072 matmul,
 where XLA's own Eigen dot emitter reaches ~130 and PyTorch's oneDNN ~160 (docs/performance.md,
-issue 24). `compiler_options(devices, dots)` gives the options that pick the kernels, for
-`jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled program and a
+issue 24). `compiler_options(devices, dots, program)` gives the options that pick the kernels,
+for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled program and a
 user's XLA_FLAGS are left alone:
 
-  "auto"    (default) "eigen" on the CPU, nothing elsewhere
+  "auto"    (default) on the CPU: "eigen" for train steps; for scoring programs "onednn",
+            or "eigen" while a persistent compilation cache is on; nothing elsewhere
   "eigen"   YNNPACK keeps its convolutions and reductions, the dots go to XLA's Eigen emitter
   "onednn"  the dots go to oneDNN matmuls (the rest as "ynnpack")
   "ynnpack" XLA's own default: no options
 
-The kernels differ only in float32 rounding (tests/test_xla_cpu.py). oneDNN programs cannot be
-kept in the persistent compilation cache on jax 0.10.2 ("ToProto is not implemented for thunk
-kind: onednn-fusion"), one reason "auto" is "eigen". An XLA that does not know
-an option (older or newer jaxlib) compiles with its defaults, and says so once.
+The kernels differ only in float32 rounding (tests/test_xla_cpu.py). oneDNN scores a B/16
+batch of 32 ~20% faster than Eigen and trains no faster, but its programs cannot be kept in the
+persistent compilation cache on jax 0.10.2 ("ToProto is not implemented for thunk kind:
+onednn-fusion"): hence "auto" above. An XLA that does not know an option (older or newer
+jaxlib) compiles with its defaults, and says so once.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import os
 import warnings
 
 DOTS = ("auto", "eigen", "onednn", "ynnpack")
+PROGRAMS = ("train", "eval")  # a train step, or a forward that scores or extracts features
 ENV = "IQA_JAX_CPU_DOTS"  # overrides "auto" where no config says otherwise
 
 _OPTIONS = {
@@ -35,11 +38,14 @@ _OPTIONS = {
 }
 
 
-def resolve(dots: str | None) -> str:
-  """'auto' (or None) -> $IQA_JAX_CPU_DOTS or 'eigen'; anything else must be one of DOTS."""
+def resolve(dots: str | None, program: str = "train") -> str:
+  """'auto' (or None) -> $IQA_JAX_CPU_DOTS, else the module docstring's choice for `program`;
+  anything else must be one of DOTS."""
+  if program not in PROGRAMS:
+    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
   dots = dots or "auto"
   if dots == "auto":
-    dots = os.environ.get(ENV, "") or "eigen"
+    dots = os.environ.get(ENV, "") or _auto(program)
     where = f"${ENV}"
   else:
     where = "cpu_dots"
@@ -48,25 +54,41 @@ def resolve(dots: str | None) -> str:
   return dots
 
 
-def compiler_options(devices, dots: str | None = "auto") -> dict | None:
-  """-> the `jax.jit(compiler_options=...)` for a program on `devices` (None where they are not
-  CPUs, where the choice is XLA's default, or where this XLA rejects the options)."""
+def _auto(program: str) -> str:
+  if program == "train" or _persistent_cache_on():
+    return "eigen"
+  onednn = tuple(sorted(_OPTIONS["onednn"].items()))
+  return "onednn" if _accepted(onednn, quiet=True) else "eigen"
+
+
+def _persistent_cache_on() -> bool:
+  import jax
+  return bool(jax.config.jax_compilation_cache_dir)
+
+
+def compiler_options(devices, dots: str | None = "auto", program: str = "train") -> dict | None:
+  """-> the `jax.jit(compiler_options=...)` for a `program` (PROGRAMS) on `devices` (None where
+  they are not CPUs, where the choice is XLA's default, or where this XLA rejects the options).
+  'auto' looks at the persistent compilation cache now: call it when the program is jitted."""
   devices = list(devices)
   if not devices or devices[0].platform != "cpu":
     return None
-  options = _OPTIONS[resolve(dots)]
+  options = _OPTIONS[resolve(dots, program)]
   return dict(options) if options and _accepted(tuple(sorted(options.items()))) else None
 
 
 @functools.cache
-def _accepted(options: tuple) -> bool:
-  """Whether this XLA compiles a small dot with `options` (checked once per process)."""
+def _accepted(options: tuple, quiet: bool = False) -> bool:
+  """Whether this XLA compiles a small dot with `options` (checked once per process); says why
+  not unless `quiet`."""
   import jax
   import jax.numpy as jnp
   x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
   try:
     jax.jit(jnp.dot, compiler_options=dict(options)).lower(x, x).compile()
   except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
+    if quiet:
+      return False
     warnings.warn(f"XLA on this machine does not take the CPU dot options {dict(options)} "
                   f"({str(e).splitlines()[0]}); compiling with its defaults", stacklevel=3)
     return False

@@ -42,7 +42,30 @@ def test_each_choice_reaches_the_compiled_dot():
   assert _dot_kernels("ynnpack") == {"__ynn_fusion"}  # jax 0.10's default: YNNPACK
   assert _dot_kernels("eigen") == set()  # XLA's own dot thunk
   assert _dot_kernels("onednn") == {"__onednn_fusion"}
-  assert _dot_kernels("auto") == _dot_kernels("eigen")
+  assert _dot_kernels("auto") == _dot_kernels("eigen")  # a train step's
+
+
+def _eval_dots(dots: str = "auto") -> set[str]:
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  scores = parallel.jit_eval_step(lambda w, x: x @ w, parallel.make_mesh(), dots)
+  w = jax.ShapeDtypeStruct((32, 48), jnp.float32)
+  found = _kernels(scores.jitted.lower(w, x).compile().as_text())
+  return {k for k, n in found.items() if n}
+
+
+def test_auto_scores_with_onednn_unless_a_persistent_cache_would_keep_the_program(
+    monkeypatch, tmp_path):
+  monkeypatch.delenv(xla_cpu.ENV, raising=False)
+  with parallel.persistent_compile_cache(None):
+    assert xla_cpu.resolve("auto", "eval") == "onednn"
+    assert xla_cpu.resolve("auto", "train") == "eigen"
+    assert _eval_dots() == {"__onednn_fusion"}
+    assert _eval_dots("eigen") == set()  # a config's own choice stands
+  with parallel.persistent_compile_cache(tmp_path / "cache"):
+    assert xla_cpu.resolve("auto", "eval") == "eigen"
+    assert _eval_dots() == set()
+  with pytest.raises(ValueError, match="program must be one of"):
+    xla_cpu.resolve("auto", "score")
 
 
 def test_auto_follows_the_environment_and_bad_names_say_where(monkeypatch):
