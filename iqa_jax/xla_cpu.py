@@ -7,17 +7,19 @@ issue 24). `compiler_options(devices, dots, program)` gives the options that pic
 for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled program and a
 user's XLA_FLAGS are left alone:
 
-  "auto"    (default) on the CPU: "eigen" for train steps; for scoring programs "onednn",
-            or "eigen" while a persistent compilation cache is on; nothing elsewhere
+  "auto"    (default) on the CPU: "eigen" for train steps, "onednn" for scoring programs
+            ("eigen" where this XLA has no oneDNN); nothing elsewhere
   "eigen"   YNNPACK keeps its convolutions and reductions, the dots go to XLA's Eigen emitter
   "onednn"  the dots go to oneDNN matmuls (the rest as "ynnpack")
   "ynnpack" XLA's own default: no options
 
 The kernels differ only in float32 rounding (tests/test_xla_cpu.py). oneDNN scores a B/16
-batch of 32 ~20% faster than Eigen and trains no faster, but its programs cannot be kept in the
-persistent compilation cache on jax 0.10.2 ("ToProto is not implemented for thunk kind:
-onednn-fusion"): hence "auto" above. An XLA that does not know an option (older or newer
-jaxlib) compiles with its defaults, and says so once.
+batch of 32 ~20% faster than Eigen and trains no faster. The choice depends on the program and
+the setting alone, never on whether a persistent compilation cache is on: a cache changes no
+number. jax 0.10.2 cannot store oneDNN programs in that cache ("ToProto is not implemented for
+thunk kind: onednn-fusion"), so they are compiled in every process; `cache_note` says so in one
+line where a command was given a cache, and jax's own warning for it is silenced. An XLA that
+does not know an option (older or newer jaxlib) compiles with its defaults, and says so once.
 """
 from __future__ import annotations
 
@@ -55,25 +57,41 @@ def resolve(dots: str | None, program: str = "train") -> str:
 
 
 def _auto(program: str) -> str:
-  if program == "train" or _persistent_cache_on():
+  if program == "train":
     return "eigen"
+  _quiet_unstorable()
   onednn = tuple(sorted(_OPTIONS["onednn"].items()))
   return "onednn" if _accepted(onednn, quiet=True) else "eigen"
 
 
-def _persistent_cache_on() -> bool:
-  import jax
-  return bool(jax.config.jax_compilation_cache_dir)
+def _quiet_unstorable() -> None:
+  """Silences jax's warning at each compile of a oneDNN program while a persistent cache is on:
+  the program runs, only uncached (the module docstring)."""
+  warnings.filterwarnings("ignore", category=UserWarning, message=(
+      "Error writing persistent compilation cache entry .*onednn-fusion"))
+
+
+def cache_note(devices, dots: str | None = "auto") -> str | None:
+  """-> one line for a command given a compilation cache whose scoring program (`dots`) on
+  `devices` cannot be stored in it, else None."""
+  devices = list(devices)
+  if not devices or devices[0].platform != "cpu" or resolve(dots, "eval") != "onednn":
+    return None
+  return ("note: on the CPU the scoring program uses oneDNN's dot kernels, which jax's "
+          "compilation cache cannot store, so it is compiled each run; set "
+          f"{ENV}=eigen (or cpu_dots=eigen) to cache it too (scores within float32 rounding)")
 
 
 def compiler_options(devices, dots: str | None = "auto", program: str = "train") -> dict | None:
   """-> the `jax.jit(compiler_options=...)` for a `program` (PROGRAMS) on `devices` (None where
-  they are not CPUs, where the choice is XLA's default, or where this XLA rejects the options).
-  'auto' looks at the persistent compilation cache now: call it when the program is jitted."""
+  they are not CPUs, where the choice is XLA's default, or where this XLA rejects the options)."""
   devices = list(devices)
   if not devices or devices[0].platform != "cpu":
     return None
-  options = _OPTIONS[resolve(dots, program)]
+  dots = resolve(dots, program)
+  options = _OPTIONS[dots]
+  if dots == "onednn":
+    _quiet_unstorable()
   return dict(options) if options and _accepted(tuple(sorted(options.items()))) else None
 
 

@@ -95,12 +95,15 @@ def test_bf16_compute_matches_float32_training(float32_run, bf16_compute_run):
 def test_bf16_frozen_weights_match_float32_and_change_nothing_under_bf16_compute(
     initial_params, float32_run, bf16_compute_run):
   """param_dtype=bfloat16 stores the frozen tower once in bf16. The bf16 compute casts every
-  frozen kernel to bf16 anyway, so next to it the run is bit-identical."""
+  frozen kernel to bf16 anyway, so next to it the run computes the same values; its program
+  differs (no casts inside), so another host's fusions may round a bf16 element the other way.
+  Measured on this project's host: equal to the last bit. Bounds: a tenth of the bf16-vs-float32
+  gaps below (loss 0.32%, updates 0.088 / 0.22)."""
   (ref_loss, ref), (bf_loss, bf) = float32_run, bf16_compute_run
   loss, upd = two_steps(initial_params, "bfloat16", "bfloat16")
-  np.testing.assert_array_equal(loss, bf_loss)
-  for k in bf:
-    np.testing.assert_array_equal(upd[k], bf[k], err_msg=k)
+  np.testing.assert_allclose(loss, bf_loss, rtol=3e-4)
+  assert relative_update_error(upd, bf, "head") < 8e-3
+  assert relative_update_error(upd, bf, "backbone") < 2e-2
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
   assert relative_update_error(upd, ref, "head") < 0.12
 

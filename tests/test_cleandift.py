@@ -196,8 +196,12 @@ def test_bf16_attention_is_diffusers_upcast_attention():
             [("ours bf16", ours), ("diffusers bf16 upcast", upcast),
              ("diffusers bf16 no upcast", no_upcast), ("ours float32", ours32)]}
   print("attention max abs error vs float64:", {k: f"{e:.1e}" for k, e in errors.items()})
-  # Measured: ours = diffusers upcast 1.1e-2, no upcast 8.4e-2, float32 5.4e-6.
-  np.testing.assert_array_equal(ours, upcast)
+  # Measured: ours = diffusers upcast 1.1e-2 (equal element for element on this project's host),
+  # no upcast 8.4e-2, float32 5.4e-6. Two stacks' exp and matmul kernels may round an element
+  # across a bf16 step on another host: at most one bf16 step (2^-7 of the largest output) apart,
+  # and in few elements.
+  np.testing.assert_allclose(ours, upcast, rtol=0, atol=2.0 ** -7 * np.abs(upcast).max())
+  assert np.mean(ours != upcast) < 0.01
   assert errors["ours bf16"] * 4 < errors["diffusers bf16 no upcast"]
   assert errors["ours float32"] <= 1e-5
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from iqa_jax import score as score_cli  # the command
+from iqa_jax import xla_cpu
 from iqa_jax.inference import evaluate
 from iqa_jax.inference import score_csv as score
 
@@ -249,8 +250,8 @@ def test_symlinked_folders_are_followed_and_loops_read_once(tmp_path, capsys):
   assert "symlink loop" in capsys.readouterr().err
 
 
-def test_a_compilation_cache_is_filled_then_read_with_the_same_scores(model_dir, val_paths,
-                                                                       tmp_path):
+def _score_twice_with_a_cache(model_dir, val_paths, tmp_path):
+  """-> (cache entries after the first run, cache hits in the second, stderr of the first)."""
   cache, hits, before = tmp_path / "xla", [], jax.config.jax_compilation_cache_dir
 
   def on_event(event, **_):
@@ -261,11 +262,38 @@ def test_a_compilation_cache_is_filled_then_read_with_the_same_scores(model_dir,
     assert _score(model_dir, tmp_path / "a.csv", *val_paths[:4],
                   "--compilation-cache", cache) == 0
     written = sorted(p.name for p in cache.iterdir())
-    assert written and not hits  # compiled once, and the program written
+    assert not hits  # a fresh cache
     assert _score(model_dir, tmp_path / "b.csv", *val_paths[:4],
                   "--compilation-cache", cache) == 0
   finally:
     jax.monitoring.unregister_event_listener(on_event)
-  assert hits and sorted(p.name for p in cache.iterdir()) == written  # read back, none added
+  assert sorted(p.name for p in cache.iterdir()) == written  # nothing added by the rerun
   assert _rows(tmp_path / "a.csv") == _rows(tmp_path / "b.csv")  # the same program's scores
   assert jax.config.jax_compilation_cache_dir == before  # the process's own setting is back
+  return written, hits
+
+
+def _scoring_programs(entries):
+  return [e for e in entries if e.startswith("jit_eval_step-")]
+
+
+def test_a_compilation_cache_is_filled_then_read_with_the_same_scores(model_dir, val_paths,
+                                                                       tmp_path, monkeypatch,
+                                                                       capsys):
+  monkeypatch.setenv(xla_cpu.ENV, "eigen")  # kernels jax can store
+  written, hits = _score_twice_with_a_cache(model_dir, val_paths, tmp_path)
+  assert len(_scoring_programs(written)) == 1 and hits  # the forward stored, then read back
+  assert "note:" not in capsys.readouterr().err
+
+
+def test_the_cpu_scoring_program_is_the_same_with_a_cache_and_left_out_of_it(
+    model_dir, val_paths, tmp_path, monkeypatch, capsys):
+  """auto's oneDNN kernels cannot be stored: the cache changes no kernel, and says so."""
+  monkeypatch.delenv(xla_cpu.ENV, raising=False)
+  assert _score(model_dir, tmp_path / "none.csv", *val_paths[:4]) == 0
+  written, _ = _score_twice_with_a_cache(model_dir, val_paths, tmp_path)
+  assert not _scoring_programs(written)
+  err = capsys.readouterr().err
+  assert err.count("note: on the CPU the scoring program uses oneDNN") == 2
+  assert "Error writing persistent compilation cache" not in err
+  assert _rows(tmp_path / "a.csv") == _rows(tmp_path / "none.csv")  # to the last digit

@@ -1,6 +1,11 @@
 """The CPU dot kernels (iqa_jax/xla_cpu.py): each choice reaches the compiled program, and the
 scores and a train step agree with XLA's default kernels up to float32 rounding."""
 import functools
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,19 +58,48 @@ def _eval_dots(dots: str = "auto") -> set[str]:
   return {k for k, n in found.items() if n}
 
 
-def test_auto_scores_with_onednn_unless_a_persistent_cache_would_keep_the_program(
-    monkeypatch, tmp_path):
+def test_auto_scores_with_onednn_with_or_without_a_persistent_cache(monkeypatch, tmp_path):
+  """The kernels follow the program and the setting, never the cache: a run with a cache and
+  one without compile the same scoring program and give the same scores to the last bit. The
+  oneDNN program is left out of the cache, without jax's warning, and the train step's is kept."""
   monkeypatch.delenv(xla_cpu.ENV, raising=False)
+  w = np.random.default_rng(0).normal(size=(32, 48)).astype(np.float32)
+  x = np.random.default_rng(1).normal(size=(64, 32)).astype(np.float32)
+
+  def scores(dots="auto"):
+    return np.asarray(parallel.jit_eval_step(lambda w, x: jnp.tanh(x @ w) @ w.T,
+                                             parallel.make_mesh(), dots)(w, x))
+
   with parallel.persistent_compile_cache(None):
     assert xla_cpu.resolve("auto", "eval") == "onednn"
     assert xla_cpu.resolve("auto", "train") == "eigen"
     assert _eval_dots() == {"__onednn_fusion"}
     assert _eval_dots("eigen") == set()  # a config's own choice stands
-  with parallel.persistent_compile_cache(tmp_path / "cache"):
-    assert xla_cpu.resolve("auto", "eval") == "eigen"
-    assert _eval_dots() == set()
+    uncached = scores()
+  cache = tmp_path / "cache"
+  with parallel.persistent_compile_cache(cache), warnings.catch_warnings():
+    warnings.simplefilter("error")  # jax's "Error writing persistent compilation cache entry"
+    assert xla_cpu.resolve("auto", "eval") == "onednn"
+    assert _eval_dots() == {"__onednn_fusion"}
+    cached = scores()
+    assert not cache.exists() or not list(cache.iterdir())  # nothing of it stored
+    scores("eigen")  # an Eigen program is stored
+    assert len(list(cache.iterdir())) == 1
+  np.testing.assert_array_equal(cached, uncached)  # the same program
   with pytest.raises(ValueError, match="program must be one of"):
     xla_cpu.resolve("auto", "score")
+
+
+def test_the_cache_note_names_the_setting_where_the_scoring_program_cannot_be_cached(
+    monkeypatch):
+  class Gpu:
+    platform = "gpu"
+  monkeypatch.delenv(xla_cpu.ENV, raising=False)
+  assert "IQA_JAX_CPU_DOTS=eigen" in xla_cpu.cache_note(jax.devices())
+  assert xla_cpu.cache_note(jax.devices(), "eigen") is None
+  assert xla_cpu.cache_note([Gpu()]) is None
+  monkeypatch.setenv(xla_cpu.ENV, "eigen")
+  assert xla_cpu.cache_note(jax.devices()) is None
 
 
 def test_auto_follows_the_environment_and_bad_names_say_where(monkeypatch):
@@ -169,3 +203,16 @@ def test_the_unrolled_threefry_draws_the_same_bits_as_the_rolled_loop():
   rolled = rolled_loop(k1, k2, x1, x2)
   for a, b in zip(unrolled, rolled, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_fresh_process_draws_its_first_init_with_the_unrolled_threefry():
+  """Every program of a process, the model's random init first, lowers threefry one way, so a
+  run's init compiles alike whether or not a train step was built before it in that process."""
+  script = ("import jax, jax.numpy as jnp; from conftest import tiny_demo_config; "
+            "from iqa_jax.models.model import create_model; create_model(tiny_demo_config('.')); "
+            "draw = jax.jit(lambda k: jax.random.normal(k, (4, 4)));"
+            "print('rolled' if 'while' in draw.lower(jax.random.key(0)).as_text() else 'unrolled')")
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split()[-1] == "unrolled"

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from iqa_jax import xla_cpu
 from iqa_jax.models import (
     cleandift,
     clip,
@@ -99,6 +100,15 @@ def head_from_config(model_config: ml_collections.ConfigDict) -> QualityHead:
                      head_dropout=float(get("head_dropout")))
 
 
+def init_params(model: nn.Module, dummy: jax.Array, rng: jax.Array) -> dict:
+  """`model`'s random params for inputs shaped like `dummy`, compiled the same way in every
+  process: the CPU's threefry lowering (xla_cpu.unrolled_threefry) is set before the first draw,
+  not by whichever train step a process happened to build first."""
+  xla_cpu.unrolled_threefry()
+  params = jax.jit(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"])(rng)
+  return jax.tree.map(lambda x: x, dict(params))
+
+
 def create_model(config: ml_collections.ConfigDict, rng=None):
   """config -> (IQAModel, params {'backbone','head'}, preprocessing); pretrained weights in."""
   bb = build_backbone(config.model)
@@ -108,9 +118,7 @@ def create_model(config: ml_collections.ConfigDict, rng=None):
   size = bb.preprocessing["crop"] or bb.preprocessing["size"]
   size = config.data.get("image_size") or size
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  params = jax.jit(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"])(rng)
-  params = jax.tree.map(lambda x: x, dict(params))
+  params = init_params(model, jnp.zeros((1, size, size, 3), jnp.float32), rng)
   if bb.params is not None:
     where = f"config.model.init={config.model.init!r}"
     params["backbone"] = hf_io.merge_loaded(jax.device_get(params["backbone"]), bb.params, where)

@@ -22,7 +22,7 @@ from iqa_jax import xla_cpu
 from iqa_jax.data import cache as cache_lib
 from iqa_jax.data import pipeline, pp
 from iqa_jax.models.head import QualityHead
-from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config
+from iqa_jax.models.model import HEAD_FIELDS, create_model, head_from_config, init_params
 from iqa_jax.runs import backbone
 from iqa_jax.runs import folder as run_folder
 from iqa_jax.training.progress import progress_bar
@@ -138,9 +138,7 @@ def head_only(config: ml_collections.ConfigDict) -> tuple[FeatureHeadModel, dict
                      f"{problem}. Rebuild it with python -m iqa_jax.features for this config.")
   model = FeatureHeadModel(head=head_from_config(config.model))
   dummy = jnp.zeros((1, index["dim"]), jnp.float32)
-  rng = jax.random.PRNGKey(config.seed)
-  params = jax.jit(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"])(rng)
-  return model, jax.tree.map(lambda x: x, dict(params)), ""
+  return model, init_params(model, dummy, jax.random.PRNGKey(config.seed)), ""
 
 
 def read_rows(folder: str, records) -> np.ndarray:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iqa_jax import metrics, parallel
+from iqa_jax import metrics, parallel, xla_cpu
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.data.tfds import source as tfds_source
 from iqa_jax.models.lora import count_by_label
@@ -233,6 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   parallel.initialize_distributed(config.distributed)
   parallel.enable_compilation_cache(config.compilation_cache)
+  if config.compilation_cache and (note := xla_cpu.cache_note(jax.local_devices(),
+                                                               config.get("cpu_dots", "auto"))):
+    _log(note)
   workdir = Path(workdir)
   run_folder.open_run(workdir, config, restart=restart)
   optim = config.optim

@@ -114,7 +114,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_acc
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss / k, "mse": parts["mse"] / k, "margin": parts["margin"] / k}
     if with_grad_norm:
-      metrics["grad_norm"] = optax.global_norm(grads)
+      metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
