@@ -161,9 +161,14 @@ def test_epoch_checkpoints_hold_each_epochs_params(trained_run):
   loader = pipeline.make_eval_loader(val, loaded.pp_str, config.eval_batch_size)
   scores = train.predict(jax.jit(make_eval_step(loaded.model)), params, loader)
   got = metrics.compute_metrics(scores, [r.mos for r in val])
-  logged = checkpoint.read_history(workdir)[0]["val"]
+  history = checkpoint.read_history(workdir)
+  logged = history[0]["val"]
+  # Training scored the 60 images in one batch with cpu_dots=auto's kernels; this is XLA's
+  # default kernels in batches of eval_batch_size, another program: measured 1.2e-6 apart in
+  # PLCC (oneDNN vs default kernels). The two epochs' PLCC are far further apart than the bound.
   assert got["srcc"] == pytest.approx(logged["srcc"], abs=1e-6)
-  assert got["plcc"] == pytest.approx(logged["plcc"], abs=1e-6)
+  assert got["plcc"] == pytest.approx(logged["plcc"], abs=5e-6)
+  assert abs(history[1]["val"]["plcc"] - logged["plcc"]) > 1e-3
 
 
 def test_gradcam_over_training_cells_are_each_epochs_gradcam(trained_run, tmp_path):
