@@ -228,11 +228,12 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(0))
   state = parallel.put_state(state, labels, mesh, config.model.get("param_dtype"))
+  cpu_dots = xla_cpu.choose(mesh.devices.flat, config.get("cpu_dots", "auto"), params)
   del params
   train_step = parallel.jit_train_step(functools.partial(
       make_train_step, model, tx, labels, grad_accum=accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight),
-      mesh, mode, donate=config.get("donate", True), cpu_dots=config.get("cpu_dots", "auto"))
+      mesh, mode, donate=config.get("donate", True), cpu_dots=cpu_dots)
   rng = np.random.default_rng(0)
   host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
           "mos": rng.uniform(size=batch).astype(np.float32)}
@@ -279,7 +280,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
         train_step.as_text(), 2, top)
   loss = float(one_step(device_batch)["loss"])
 
-  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, config.get("cpu_dots", "auto"))
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, cpu_dots)
   images = rng.standard_normal((infer_batch, size, size, 3), np.float32)
   x = jax.make_array_from_callback(images.shape, NamedSharding(mesh, P(parallel.AXIS)),
                                    lambda idx: images[idx])
@@ -309,8 +310,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "image_size": size, "steps": steps, "feed": feed, "finetune": finetune,
       "dtype": config.model.dtype, "param_dtype": config.model.get("param_dtype", "float32"),
       "remat": config.model.remat, "attention": config.model.attention,
-      "cpu_dots": ({p: xla_cpu.resolve(config.get("cpu_dots", "auto"), p)
-                    for p in xla_cpu.PROGRAMS} if devices[0].platform == "cpu" else None),
+      "cpu_dots": cpu_dots,
       "donate": config.get("donate", True), "train_img_s": train_ips,
       "infer_img_s": infer_ips, "train_step_ms": 1e3 * train_s / steps,
       "train_compile_s": train_compile, "infer_compile_s": infer_compile,
@@ -377,8 +377,7 @@ def _fmt(v, unit: str = "", digits: int = 1) -> str:
 def report(r: dict, ref: dict | None = None) -> None:
   print(f"device     {r['device']}, parallel {r['parallel']}; {r['finetune']}, dtype {r['dtype']}"
         f" (frozen weights {r['param_dtype']}), remat {r['remat']}, attention {r['attention']}"
-        + (", cpu dots " + " / ".join(f"{v} ({k})" for k, v in r["cpu_dots"].items())
-           if r.get("cpu_dots") else "")
+        + (f", cpu dots {r['cpu_dots']}" if r.get("cpu_dots") else "")
         + f", donate {r['donate']}, {r['image_size']}px")
   print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
         f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")

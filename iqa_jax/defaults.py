@@ -98,9 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.donate = True  # the train step reuses the old state's buffers
   c.prefetch = 2  # batches copied to the devices ahead of the running step (0: on demand)
   c.compilation_cache = ""  # persistent XLA compilation cache folder ("" off)
-  # The dense dots' kernels on a CPU (iqa_jax/xla_cpu.py): auto (eigen to train, onednn to
-  # score; $IQA_JAX_CPU_DOTS) |
-  # eigen | onednn | ynnpack (XLA's default). Scores differ by float32 rounding only.
+  # The dense dots' kernels on a CPU (iqa_jax/xla_cpu.py): auto (onednn from ViT-S size up,
+  # else eigen; $IQA_JAX_CPU_DOTS) | eigen | onednn | ynnpack (XLA's default). Scores differ by
+  # float32 rounding only.
   c.cpu_dots = "auto"
   return c
 

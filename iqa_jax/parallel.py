@@ -170,8 +170,8 @@ def prefetch_to_device(batches: Iterable[dict], put: Callable[[dict], dict],
     yield queue.popleft()
 
 
-def _options(mesh: Mesh, cpu_dots: str, program: str = "train") -> dict | None:
-  return xla_cpu.compiler_options(mesh.devices.flat, cpu_dots, program)
+def _options(mesh: Mesh, cpu_dots: str | None) -> dict | None:
+  return xla_cpu.compiler_options(mesh.devices.flat, cpu_dots)
 
 
 def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "sharded",
@@ -180,7 +180,8 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
 
   `make_step(**kw)` builds the per-step function (e.g. a partial of steps.make_train_step); it
   gets micro_batched=True, and axis_name in pmap mode. State and metrics come back replicated.
-  cpu_dots: the dot kernels on a CPU mesh (xla_cpu.DOTS; "sharded" mode, pmap takes no options).
+  cpu_dots: the dot kernels on a CPU mesh (xla_cpu.DOTS; "sharded" mode, pmap takes no options):
+    xla_cpu.choose's answer for the model, since 'auto' alone knows no params and means "eigen".
   """
   if mode not in MODES:
     raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
@@ -236,7 +237,7 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, cpu_dots: str = "auto") -> Ca
   """
   data, rep = NamedSharding(mesh, P(AXIS)), replicated(mesh)
   jitted = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep,
-                   compiler_options=_options(mesh, cpu_dots, "eval"))
+                   compiler_options=_options(mesh, cpu_dots))
 
   def run(params, images):
     n = images.shape[0]

@@ -7,8 +7,6 @@ import argparse
 import contextlib
 import sys
 
-import jax
-
 from iqa_jax import parallel, xla_cpu
 from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import score_csv
@@ -76,8 +74,6 @@ def main(argv=None) -> int:
       raise UsageError(f"no images found in {' '.join(a.images)}")
     cache = (parallel.persistent_compile_cache(a.compilation_cache) if a.compilation_cache
              else contextlib.nullcontext())  # else $JAX_COMPILATION_CACHE_DIR, if set, holds
-    if a.compilation_cache and (note := xla_cpu.cache_note(jax.local_devices())):
-      print(note, file=sys.stderr)
     with cache:
       summary = score_paths(a.model or a.workdir, paths, a.out, batch_size=a.batch_size,
                             which=a.which, resume=a.resume, workers=a.workers,
@@ -85,6 +81,8 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if a.compilation_cache and (note := xla_cpu.cache_note(summary["cpu_dots"])):
+    print(note, file=sys.stderr)
   print(f"scored {summary['scored']}, failed {summary['failed']}"
         + (f", kept {summary['kept']}, rescored {summary['rescored']}" if a.resume else "")
         + f" -> {a.out}")

@@ -3,51 +3,56 @@
 On jax 0.10 the CPU backend hands every dot to YNNPACK (`__ynn_fusion`); on this project's
 2-core AVX-512 machine that reaches ~104 GFLOP/s on the ViT-B MLP's 3136x768x3072 matmul,
 where XLA's own Eigen dot emitter reaches ~130 and PyTorch's oneDNN ~160 (docs/performance.md,
-issue 24). `compiler_options(devices, dots, program)` gives the options that pick the kernels,
+issue 24). `compiler_options(devices, dots, params)` gives the options that pick the kernels,
 for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled program and a
 user's XLA_FLAGS are left alone:
 
-  "auto"    (default) on the CPU: "eigen" for train steps, "onednn" for scoring programs
-            ("eigen" where this XLA has no oneDNN); nothing elsewhere
+  "auto"    (default) on the CPU: "onednn" for a model whose largest weight matrix has at least
+            ONEDNN_MIN_KERNEL entries (ViT-S and up), "eigen" for smaller ones, for stored
+            features' heads and where this XLA has no oneDNN; nothing elsewhere
   "eigen"   YNNPACK keeps its convolutions and reductions, the dots go to XLA's Eigen emitter
-  "onednn"  the dots go to oneDNN matmuls (the rest as "ynnpack")
+  "onednn"  the dots go to oneDNN matmuls, those it does not take to Eigen (as "eigen")
   "ynnpack" XLA's own default: no options
 
-The kernels differ only in float32 rounding (tests/test_xla_cpu.py). oneDNN scores a B/16
-batch of 32 ~20% faster than Eigen and trains no faster. The choice depends on the program and
-the setting alone, never on whether a persistent compilation cache is on: a cache changes no
-number. jax 0.10.2 cannot store oneDNN programs in that cache ("ToProto is not implemented for
-thunk kind: onednn-fusion"), so they are compiled in every process; `cache_note` says so in one
-line where a command was given a cache, and jax's own warning for it is silenced. An XLA that
-does not know an option (older or newer jaxlib) compiles with its defaults, and says so once.
+The kernels differ only in float32 rounding (tests/test_xla_cpu.py). Against Eigen, oneDNN
+trains a B/16 at 224 px 10% faster (batch 8) and scores it 5% faster (batch 16; ~20% at 32),
+ViT-S 9% / 13%; a 128-wide tower trains level and scores 11% faster; the demo's 64-wide tower
+runs 20% slower, its dots too small for oneDNN's calls (docs/performance.md). The choice depends
+on the model and the setting alone, never on whether a persistent compilation cache is on: a
+cache changes no number. jax 0.10.2 cannot store oneDNN programs in that cache ("ToProto is not
+implemented for thunk kind: onednn-fusion"), so they are compiled in every process; `cache_note`
+says so in one line where a command was given a cache, and jax's own warning is silenced. An XLA
+that does not know an option (older or newer jaxlib) compiles with its defaults, and says so once.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
 DOTS = ("auto", "eigen", "onednn", "ynnpack")
-PROGRAMS = ("train", "eval")  # a train step, or a forward that scores or extracts features
+# 'auto' takes oneDNN for a model whose largest weight matrix has at least this many entries.
+ONEDNN_MIN_KERNEL = 2 ** 17
 ENV = "IQA_JAX_CPU_DOTS"  # overrides "auto" where no config says otherwise
 
+_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type":  # YNNPACK keeps no dots
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"}
 _OPTIONS = {
-    "eigen": {"xla_cpu_experimental_ynn_fusion_type":
-              "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"},
-    "onednn": {"xla_cpu_use_onednn": True,
-               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "eigen": _EIGEN_DOTS,
+    "onednn": {"xla_cpu_use_onednn": True,  # and the dots oneDNN does not take go to Eigen
+               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+               **_EIGEN_DOTS},
     "ynnpack": {},
 }
 
 
-def resolve(dots: str | None, program: str = "train") -> str:
-  """'auto' (or None) -> $IQA_JAX_CPU_DOTS, else the module docstring's choice for `program`;
-  anything else must be one of DOTS."""
-  if program not in PROGRAMS:
-    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
+def resolve(dots: str | None, params=None) -> str:
+  """'auto' (or None) -> $IQA_JAX_CPU_DOTS, else the module docstring's choice for a model with
+  `params` (a tree of arrays or shapes; None: a small one); anything else must be one of DOTS."""
   dots = dots or "auto"
   if dots == "auto":
-    dots = os.environ.get(ENV, "") or _auto(program)
+    dots = os.environ.get(ENV, "") or _auto(params)
     where = f"${ENV}"
   else:
     where = "cpu_dots"
@@ -56,8 +61,28 @@ def resolve(dots: str | None, program: str = "train") -> str:
   return dots
 
 
-def _auto(program: str) -> str:
-  if program == "train":
+def choose(devices, dots: str | None = "auto", params=None) -> str | None:
+  """-> the kernels (a name in DOTS but 'auto') of a program over `devices` of the model with
+  `params`; None where the devices are not CPUs (the choice is then XLA's own)."""
+  devices = list(devices)
+  if not devices or devices[0].platform != "cpu":
+    return None
+  return resolve(dots, params)
+
+
+def largest_kernel(params) -> int:
+  """Entries of the largest weight matrix of the backbone in `params` (its 'backbone' entry if it
+  has one: the head's 512 x 512 is in every model); a stacked (layers, in, out) leaf counts one
+  layer's in x out; 0 for a tree without matrices."""
+  import jax
+  if isinstance(params, dict) and "backbone" in params:
+    params = params["backbone"]
+  return max((math.prod(x.shape[-2:]) for x in jax.tree.leaves(params) if len(x.shape) >= 2),
+             default=0)
+
+
+def _auto(params) -> str:
+  if params is None or largest_kernel(params) < ONEDNN_MIN_KERNEL:
     return "eigen"
   _quiet_unstorable()
   onednn = tuple(sorted(_OPTIONS["onednn"].items()))
@@ -71,24 +96,23 @@ def _quiet_unstorable() -> None:
       "Error writing persistent compilation cache entry .*onednn-fusion"))
 
 
-def cache_note(devices, dots: str | None = "auto") -> str | None:
-  """-> one line for a command given a compilation cache whose scoring program (`dots`) on
-  `devices` cannot be stored in it, else None."""
-  devices = list(devices)
-  if not devices or devices[0].platform != "cpu" or resolve(dots, "eval") != "onednn":
+def cache_note(dots: str | None) -> str | None:
+  """-> one line for a command given a compilation cache whose programs use `dots` (`choose`'s
+  answer) that the cache cannot store, else None."""
+  if dots != "onednn":
     return None
-  return ("note: on the CPU the scoring program uses oneDNN's dot kernels, which jax's "
-          "compilation cache cannot store, so it is compiled each run; set "
-          f"{ENV}=eigen (or cpu_dots=eigen) to cache it too (scores within float32 rounding)")
+  return ("note: these CPU programs use oneDNN's dot kernels, which jax's compilation cache "
+          f"cannot store, so they are compiled each run; set {ENV}=eigen (or cpu_dots=eigen) to "
+          "cache them too (scores within float32 rounding, about 10% slower)")
 
 
-def compiler_options(devices, dots: str | None = "auto", program: str = "train") -> dict | None:
-  """-> the `jax.jit(compiler_options=...)` for a `program` (PROGRAMS) on `devices` (None where
-  they are not CPUs, where the choice is XLA's default, or where this XLA rejects the options)."""
-  devices = list(devices)
-  if not devices or devices[0].platform != "cpu":
+def compiler_options(devices, dots: str | None = "auto", params=None) -> dict | None:
+  """-> the `jax.jit(compiler_options=...)` for a program over `devices` of the model with
+  `params` (None where they are not CPUs, where the choice is XLA's default, or where this XLA
+  rejects the options)."""
+  dots = choose(devices, dots, params)
+  if dots is None:
     return None
-  dots = resolve(dots, program)
   options = _OPTIONS[dots]
   if dots == "onednn":
     _quiet_unstorable()

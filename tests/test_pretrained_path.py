@@ -115,7 +115,8 @@ def test_score_and_evaluate_give_the_in_memory_predictions(pretrained_run, csv_d
   paths = sorted(in_memory)
   summary = score_paths(str(workdir), paths, str(tmp_path / "scores.csv"), batch_size=4,
                         progress=False)
-  assert summary == {"scored": 6, "failed": 0, "kept": 0, "rescored": 0, "inputs": 6}
+  assert summary == {"scored": 6, "failed": 0, "kept": 0, "rescored": 0, "inputs": 6,
+                     "cpu_dots": "eigen"}  # a tiny tower: Eigen's dots (xla_cpu)
   scored = read_predictions(tmp_path / "scores.csv", "score")
   # Both round to 6 decimals; the bf16 forward is the same program on the same batches.
   np.testing.assert_allclose([scored[p] for p in paths], [in_memory[p] for p in paths],

@@ -258,8 +258,9 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
                 shard: tuple[int, int] | None = None) -> dict:
   """Scores `paths` with `model` (a run folder or an exported folder) into the CSV `out`.
 
-  -> {'scored', 'failed', 'kept', 'rescored', 'inputs'}: new rows, rows with an error, rows
-  kept from an earlier --resume'd CSV, and earlier cut or error rows scored again.
+  -> {'scored', 'failed', 'kept', 'rescored', 'inputs', 'cpu_dots'}: new rows, rows with an
+  error, rows kept from an earlier --resume'd CSV, earlier cut or error rows scored again, and
+  the CPU dot kernels the forward ran with (Scorer.cpu_dots).
   """
   check_arguments(out, batch_size, workers, crops, view)
   paths = list(dict.fromkeys(paths))
@@ -294,7 +295,8 @@ def score_paths(model: str, paths: Sequence[str], out: str, *, batch_size: int =
     _write_rows(out, kept)  # resume: the cut line and the rows to retry go; the rest stays
     _write_sidecar(out, meta)
     summary = _stream_rows(scorer, todo, out, workers, progress)
-    summary.update(kept=len(kept), rescored=len(redo & set(todo)), inputs=len(paths))
+    summary.update(kept=len(kept), rescored=len(redo & set(todo)), inputs=len(paths),
+                   cpu_dots=scorer.cpu_dots)
     if resume and redo:  # retried rows were appended: put the CSV back in input order
       rows, _ = read_score_csv(out)
       order = {p: i for i, p in enumerate(paths)}

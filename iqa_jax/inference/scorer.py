@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from iqa_jax import parallel
+from iqa_jax import parallel, xla_cpu
 from iqa_jax.data import images as image_io
 from iqa_jax.data import pp
 from iqa_jax.inference.exported import load_exported
@@ -130,7 +130,9 @@ class Scorer:
     self.batch_size = batch_size
     self.views_per_image = self.crops if self.view == "crops" else 1
     mesh = parallel.make_mesh(jax.local_devices() if devices is None else devices)
-    self._score_fn = parallel.jit_eval_step(make_eval_step(loaded.model), mesh)
+    # The CPU's dot kernels for this model (xla_cpu.choose); None on other devices.
+    self.cpu_dots = xla_cpu.choose(mesh.devices.flat, "auto", loaded.params)
+    self._score_fn = parallel.jit_eval_step(make_eval_step(loaded.model), mesh, self.cpu_dots)
     self._params = parallel.put_replicated(loaded.params, mesh)
     self._preprocess = pp.get_preprocess_fn(loaded.pp_str)
     # Per crop only the value ops of the pp string apply: the crop already has the input size.

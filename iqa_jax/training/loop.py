@@ -157,7 +157,8 @@ def in_memory(config) -> bool:
       and jax.process_count() == 1
 
 
-def epochs_in_memory(config, make_step, eval_fn, mesh, train_recs, steps: int) -> EpochSource:
+def epochs_in_memory(config, make_step, eval_fn, mesh, train_recs, steps: int,
+                     cpu_dots: str | None) -> EpochSource:
   """The head alone on data.features: the rows of the train records sit on the devices and each
   epoch is ONE jitted lax.scan of the train step, over batches gathered there in the loader's
   order (pipeline.epoch_order); a split is scored in one call."""
@@ -165,8 +166,7 @@ def epochs_in_memory(config, make_step, eval_fn, mesh, train_recs, steps: int) -
   table = parallel.put_replicated({"image": features.read_rows(folder, train_recs),
                                    "mos": np.asarray([r.mos for r in train_recs], np.float32)},
                                   mesh)
-  epoch_fn = parallel.jit_train_epoch(make_step, mesh, donate=config.donate,
-                                      cpu_dots=config.get("cpu_dots", "auto"))
+  epoch_fn = parallel.jit_train_epoch(make_step, mesh, donate=config.donate, cpu_dots=cpu_dots)
 
   def train(state, epoch):
     order = pipeline.epoch_order(len(train_recs), config.seed, epoch)[:steps * optim.batch_size]
@@ -233,9 +233,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   parallel.initialize_distributed(config.distributed)
   parallel.enable_compilation_cache(config.compilation_cache)
-  if config.compilation_cache and (note := xla_cpu.cache_note(jax.local_devices(),
-                                                               config.get("cpu_dots", "auto"))):
-    _log(note)
   workdir = Path(workdir)
   run_folder.open_run(workdir, config, restart=restart)
   optim = config.optim
@@ -255,9 +252,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.data.get("features"):  # stored backbone features: the head trains alone
     model, params, pp_str = features.head_only(config)
     features.record_in_run(workdir, config)  # scoring puts the backbone that made them back
+    # Batch-sized dots, too small for oneDNN: 'auto' is Eigen's (xla_cpu).
+    cpu_dots = xla_cpu.choose(mesh.devices.flat, config.get("cpu_dots", "auto"))
   else:
     model, params, preprocessing = create_model(config)
     pp_str = pp.run_pp(config.data, preprocessing)
+    cpu_dots = xla_cpu.choose(mesh.devices.flat, config.get("cpu_dots", "auto"), params)
+  if config.compilation_cache and (note := xla_cpu.cache_note(cpu_dots)):
+    _log(note)
   _log(f"model: {config.model.backbone} ({config.model.init or 'random init'}), head "
        f"{config.model.head}, finetune {config.model.finetune}; pp: {pp_str}")
 
@@ -282,13 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
       margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
       fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
-  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, config.get("cpu_dots", "auto"))
+  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, cpu_dots)
   if in_memory(config):
     train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
-                                     steps_per_epoch)
+                                     steps_per_epoch, cpu_dots)
   else:
     train_step = parallel.jit_train_step(make_step, mesh, mode, donate=config.donate,
-                                         cpu_dots=config.get("cpu_dots", "auto"))
+                                         cpu_dots=cpu_dots)
     put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
                             grad_accum=optim.grad_accum, keys=("image", "mos"))
     train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,
