@@ -229,3 +229,16 @@ def test_a_fresh_process_draws_its_first_init_with_the_unrolled_threefry():
                         timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.split()[-1] == "unrolled"
+
+
+def test_training_with_a_cache_says_its_onednn_programs_are_not_kept(tiny_demo_dir, tmp_path,
+                                                                     capsys):
+  from conftest import compile_cache, tiny_demo_config
+
+  from iqa_jax.training import loop as train
+  config = tiny_demo_config(tiny_demo_dir, **{"optim.epochs": 1, "cpu_dots": "onednn",
+                                              "compilation_cache": str(tmp_path / "xla")})
+  with compile_cache(None):  # the run's own cache setting is undone afterwards
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert out.count("note: these CPU programs use oneDNN's dot kernels") == 1
