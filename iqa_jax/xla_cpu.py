@@ -8,8 +8,9 @@ for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled
 user's XLA_FLAGS are left alone:
 
   "auto"    (default) on the CPU: "onednn" for a model whose largest weight matrix has at least
-            ONEDNN_MIN_KERNEL entries (ViT-S and up), "eigen" for smaller ones, for stored
-            features' heads and where this XLA has no oneDNN; nothing elsewhere
+            ONEDNN_MIN_KERNEL entries (ViT-S and up), "eigen" for smaller ones, for heads on
+            stored features (the train loop passes no params; not measured with oneDNN) and
+            where this XLA has no oneDNN; nothing elsewhere
   "eigen"   YNNPACK keeps its convolutions and reductions, the dots go to XLA's Eigen emitter
   "onednn"  the dots go to oneDNN matmuls, those it does not take to Eigen (as "eigen")
   "ynnpack" XLA's own default: no options

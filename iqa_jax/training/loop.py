@@ -252,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.data.get("features"):  # stored backbone features: the head trains alone
     model, params, pp_str = features.head_only(config)
     features.record_in_run(workdir, config)  # scoring puts the backbone that made them back
-    # Batch-sized dots, too small for oneDNN: 'auto' is Eigen's (xla_cpu).
+    # Batch-sized dots, like the demo tower's where oneDNN lost: 'auto' stays Eigen's (xla_cpu).
     cpu_dots = xla_cpu.choose(mesh.devices.flat, config.get("cpu_dots", "auto"))
   else:
     model, params, preprocessing = create_model(config)
