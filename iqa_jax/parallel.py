@@ -170,8 +170,8 @@ def prefetch_to_device(batches: Iterable[dict], put: Callable[[dict], dict],
     yield queue.popleft()
 
 
-def _options(mesh: Mesh, cpu_dots: str | None) -> dict | None:
-  return xla_cpu.compiler_options(mesh.devices.flat, cpu_dots)
+def _options(mesh: Mesh, cpu_dots: str | None, program: str = "train") -> dict | None:
+  return xla_cpu.compiler_options(mesh.devices.flat, cpu_dots, program=program)
 
 
 def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "sharded",
@@ -237,7 +237,7 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, cpu_dots: str = "auto") -> Ca
   """
   data, rep = NamedSharding(mesh, P(AXIS)), replicated(mesh)
   jitted = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep,
-                   compiler_options=_options(mesh, cpu_dots))
+                   compiler_options=_options(mesh, cpu_dots, "eval"))
 
   def run(params, images):
     n = images.shape[0]

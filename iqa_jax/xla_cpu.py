@@ -12,7 +12,8 @@ user's XLA_FLAGS are left alone:
             stored features (the train loop passes no params; not measured with oneDNN) and
             where this XLA has no oneDNN; nothing elsewhere
   "eigen"   YNNPACK keeps its convolutions and reductions, the dots go to XLA's Eigen emitter
-  "onednn"  the dots go to oneDNN matmuls, those it does not take to Eigen (as "eigen")
+  "onednn"  the dots go to oneDNN matmuls, those it does not take to Eigen (as "eigen"); in a
+            train step YNNPACK keeps only the convolutions (_TRAIN)
   "ynnpack" XLA's own default: no options
 
 The kernels differ only in float32 rounding (tests/test_xla_cpu.py). Against Eigen, oneDNN
@@ -37,8 +38,9 @@ DOTS = ("auto", "eigen", "onednn", "ynnpack")
 ONEDNN_MIN_KERNEL = 2 ** 17
 ENV = "IQA_JAX_CPU_DOTS"  # overrides "auto" where no config says otherwise
 
-_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type":  # YNNPACK keeps no dots
-               "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"}
+_YNN_TYPE = "xla_cpu_experimental_ynn_fusion_type"  # what YNNPACK keeps (no dots below)
+_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+_EIGEN_DOTS = {_YNN_TYPE: _CONVOLUTIONS + ",LIBRARY_FUSION_TYPE_REDUCE"}
 _OPTIONS = {
     "eigen": _EIGEN_DOTS,
     "onednn": {"xla_cpu_use_onednn": True,  # and the dots oneDNN does not take go to Eigen
@@ -46,6 +48,11 @@ _OPTIONS = {
                **_EIGEN_DOTS},
     "ynnpack": {},
 }
+PROGRAMS = ("train", "eval")  # a train step (or epoch), or a forward that scores or extracts
+# A oneDNN train step leaves the reductions to XLA: YNNPACK's reduce fusions take in the
+# attention's batched dots with the softmax around them, and the B/16 train step ran 8% slower
+# with them (3.23 against 2.98 img/s, docs/performance.md); scoring ran 7% faster with them.
+_TRAIN = {"onednn": {_YNN_TYPE: _CONVOLUTIONS}}
 
 
 def resolve(dots: str | None, params=None) -> str:
@@ -107,14 +114,17 @@ def cache_note(dots: str | None) -> str | None:
           "cache them too (scores within float32 rounding, about 10% slower)")
 
 
-def compiler_options(devices, dots: str | None = "auto", params=None) -> dict | None:
-  """-> the `jax.jit(compiler_options=...)` for a program over `devices` of the model with
-  `params` (None where they are not CPUs, where the choice is XLA's default, or where this XLA
-  rejects the options)."""
+def compiler_options(devices, dots: str | None = "auto", params=None,
+                     program: str = "train") -> dict | None:
+  """-> the `jax.jit(compiler_options=...)` for a `program` (PROGRAMS) over `devices` of the model
+  with `params` (None where they are not CPUs, where the choice is XLA's default, or where this
+  XLA rejects the options)."""
+  if program not in PROGRAMS:
+    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
   dots = choose(devices, dots, params)
   if dots is None:
     return None
-  options = _OPTIONS[dots]
+  options = {**_OPTIONS[dots], **(_TRAIN.get(dots, {}) if program == "train" else {})}
   if dots == "onednn":
     _quiet_unstorable()
   return dict(options) if options and _accepted(tuple(sorted(options.items()))) else None

@@ -218,7 +218,7 @@ def extract_features(config: ml_collections.ConfigDict, out: str, *, workdir: st
   done = json.loads((folder / PROGRESS).read_text())["done"] if (folder / PROGRESS).is_file() else 0
 
   @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(
-      jax.local_devices(), config.get("cpu_dots", "auto"), params))
+      jax.local_devices(), config.get("cpu_dots", "auto"), params, "eval"))
   def forward(params, images):
     _, out_ = model.apply({"params": params}, images, train=False)
     for t in taps:
