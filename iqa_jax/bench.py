@@ -213,7 +213,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   from iqa_jax import parallel
   from iqa_jax.models.model import create_model, make_eval_step
   from iqa_jax.training.optim import make_optimizer
-  from iqa_jax.training.steps import TrainState, make_train_step
+  from iqa_jax.training.steps import TrainState, make_train_step, split_layers_for
 
   parallel.enable_compilation_cache(config.get("compilation_cache", ""), min_compile_s=0.0)
   config.model.init = None
@@ -233,7 +233,8 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
   train_step = parallel.jit_train_step(functools.partial(
       make_train_step, model, tx, labels, grad_accum=accum,
       margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight),
-      mesh, mode, donate=config.get("donate", True), cpu_dots=cpu_dots)
+      mesh, mode, donate=config.get("donate", True), cpu_dots=cpu_dots,
+      split_layers=split_layers_for(config.model, state.params, labels, mesh))
   rng = np.random.default_rng(0)
   host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
           "mos": rng.uniform(size=batch).astype(np.float32)}
@@ -246,7 +247,8 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
     compiled = train_step.lower(state, device_batch).compile()
     train_compile = time.perf_counter() - t0
     xla_train, train_bytes = _xla_flops(compiled, mesh.size), _compiled_bytes(compiled)
-    train_step = compiled
+    train_step = (train_step.with_compiled(compiled)
+                  if isinstance(train_step, parallel.LayerSplitStep) else compiled)
   else:  # pmap: its first call compiles (and runs one step)
     state, m = train_step(state, device_batch)
     jax.block_until_ready(m)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -175,21 +176,28 @@ def _options(mesh: Mesh, cpu_dots: str | None, program: str = "train") -> dict |
 
 
 def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "sharded",
-                   donate: bool = True, cpu_dots: str = "auto") -> Callable:
+                   donate: bool = True, cpu_dots: str = "auto",
+                   split_layers=None) -> Callable:
   """-> step(state, batch) -> (state, metrics) on the mesh, batch from `put_batch(mode=mode)`.
 
   `make_step(**kw)` builds the per-step function (e.g. a partial of steps.make_train_step); it
   gets micro_batched=True, and axis_name in pmap mode. State and metrics come back replicated.
   cpu_dots: the dot kernels on a CPU mesh (xla_cpu.DOTS; "sharded" mode, pmap takes no options):
     xla_cpu.choose's answer for the model, since 'auto' alone knows no params and means "eigen".
+  split_layers: a tree of bools like the params (steps.stacked_frozen), for layers unrolled in
+    the step ("sharded" mode, one process): `LayerSplitStep`.
   """
   if mode not in MODES:
     raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
   rep = replicated(mesh)
   donate_argnums = (0,) if donate else ()
   if mode == "sharded":
+    data = NamedSharding(mesh, P(None, AXIS))
+    if split_layers is not None and any(jax.tree.leaves(split_layers)):
+      return LayerSplitStep(make_step(micro_batched=True), split_layers, mesh, donate,
+                            _options(mesh, cpu_dots))
     return jax.jit(make_step(micro_batched=True), donate_argnums=donate_argnums,
-                   in_shardings=(rep, NamedSharding(mesh, P(None, AXIS))),
+                   in_shardings=(rep, data),
                    out_shardings=(rep, rep), compiler_options=_options(mesh, cpu_dots))
   pmapped = jax.pmap(make_step(micro_batched=True, axis_name=AXIS), AXIS, in_axes=(None, 1),
                      out_axes=None, donate_argnums=donate_argnums, devices=list(mesh.devices.flat))
@@ -202,6 +210,69 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
     state, metrics = pmapped(state, batch)
     return multihost_utils.host_local_array_to_global_array(state, mesh, P()), metrics
   return step
+
+
+class LayerSplitStep:
+  """A train step whose frozen stacked layer weights come in as one array per layer.
+
+  Unrolled, a step reads layer i of a stacked (layers, ...) weight as a slice, and XLA copies
+  every such slice each step (120 copies on a B/16). Fed each layer's weight as its own input
+  and stacked inside, the step's slices fold away (slice of a concatenate). The per-layer copies
+  are made once per state (a second copy of those weights in memory) and kept while the steps
+  hand back the same frozen arrays: the stacked originals never enter the jitted step, so they
+  come back as the very objects that went in. Same values, other program: within float32
+  rounding of the plain step (tests/test_parallel.py).
+  """
+
+  def __init__(self, step: Callable, split_layers, mesh: Mesh, donate: bool,
+               compiler_options: dict | None):
+    self._split = split_layers
+    # (the stacked arrays, their per-layer copies): held, not their ids, which a freed array
+    # could hand on to a new one
+    self._held: tuple = ((), None)
+    rep = replicated(mesh)
+    self.jitted = jax.jit(functools.partial(self._inner, step), donate_argnums=(0,) if donate
+                          else (), in_shardings=(rep, NamedSharding(mesh, P(None, AXIS)), rep),
+                          out_shardings=(rep, rep), compiler_options=compiler_options)
+    self._run = self.jitted  # or the executable `lower(...).compile()` gave (with_compiled)
+
+  def _inner(self, step, state, batch, layers):
+    params = jax.tree.map(lambda p, per_layer: p if per_layer is None else jnp.stack(per_layer),
+                          state.params, layers, is_leaf=lambda x: x is None)
+    state, metrics = step(state.replace(params=params), batch)
+    return state.replace(params=self._without(state.params)), metrics
+
+  def _without(self, params):
+    return jax.tree.map(lambda p, split: None if split else p, params, self._split)
+
+  def args(self, state, batch) -> tuple:
+    """-> the jitted step's (state without the stacked weights, batch, per-layer copies)."""
+    stacked = [p for p, split in zip(jax.tree.leaves(state.params),
+                                     jax.tree.leaves(self._split), strict=True) if split]
+    held = self._held[0]
+    if len(held) != len(stacked) or any(p is not q for p, q in zip(held, stacked, strict=True)):
+      split = jax.jit(lambda ps: [tuple(p[i] for i in range(p.shape[0])) for p in ps])(stacked)
+      per_layer = iter(split)
+      layers = jax.tree.map(lambda split: next(per_layer) if split else None, self._split)
+      self._held = (tuple(stacked), layers)
+    return state.replace(params=self._without(state.params)), batch, self._held[1]
+
+  def lower(self, state, batch):
+    return self.jitted.lower(*self.args(state, batch))
+
+  def with_compiled(self, compiled) -> LayerSplitStep:
+    """Runs `compiled` (this step's `lower(...).compile()`) from now on; -> self."""
+    self._run = compiled
+    return self
+
+  def as_text(self) -> str:
+    return self._run.as_text()
+
+  def __call__(self, state, batch):
+    new, metrics = self._run(*self.args(state, batch))
+    params = jax.tree.map(lambda n, p, split: p if split else n, new.params, state.params,
+                          self._split, is_leaf=lambda x: x is None)
+    return new.replace(params=params), metrics
 
 
 def jit_train_epoch(make_step: Callable[..., Callable], mesh: Mesh,

@@ -28,7 +28,7 @@ from iqa_jax.runs import folder as run_folder
 from iqa_jax.training import features
 from iqa_jax.training.optim import lr_schedule, make_optimizer, resolve_schedule
 from iqa_jax.training.progress import progress_bar
-from iqa_jax.training.steps import TrainState, make_train_step
+from iqa_jax.training.steps import TrainState, make_train_step, split_layers_for
 
 
 class NonFiniteLossError(RuntimeError):
@@ -289,8 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
                                      steps_per_epoch, cpu_dots)
   else:
-    train_step = parallel.jit_train_step(make_step, mesh, mode, donate=config.donate,
-                                         cpu_dots=cpu_dots)
+    train_step = parallel.jit_train_step(
+        make_step, mesh, mode, donate=config.donate, cpu_dots=cpu_dots,
+        split_layers=split_layers_for(config.model, state.params, labels, mesh))
     put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
                             grad_accum=optim.grad_accum, keys=("image", "mos"))
     train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from iqa_jax import xla_cpu
+from iqa_jax.models import tower
 from iqa_jax.training.losses import iqa_loss
 
 
@@ -31,6 +32,34 @@ def split_params(params, labels):
 
 def merge_params(a, b):
   return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def split_layers_for(model_config, params, labels, mesh) -> Any | None:
+  """-> parallel.jit_train_step's `split_layers` (stacked_frozen) where the step unrolls its
+  scanned layers on a CPU mesh of one process (tower.unrolled); None where it does not."""
+  get = model_config.get
+  if not (get("scan", True) and tower.unrolled(get("scan_unroll", "auto"), get("remat", "none"),
+                                                training=True)
+          and mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1):
+    return None
+  return stacked_frozen(params, labels)
+
+
+def stacked_frozen(params, labels) -> Any:
+  """-> a tree of bools like `params`: True at the frozen leaves of a layer stack (nn.scan's
+  `Encoder`: a dict of modules whose leaves all have at least 2 axes and one leading size >= 2,
+  the layer axis), for parallel.jit_train_step(split_layers=...)."""
+  def stack_size(tree) -> int:
+    sizes = {x.shape[0] if x.ndim >= 2 else 0 for x in jax.tree.leaves(tree)}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+  def mark(tree, tree_labels, in_stack: bool):
+    if not isinstance(tree, dict):
+      return in_stack and tree_labels == "frozen"
+    in_stack = in_stack or (any(isinstance(v, dict) for v in tree.values())
+                            and stack_size(tree) >= 2)
+    return {k: mark(v, tree_labels[k], in_stack) for k, v in tree.items()}
+  return mark(params, labels, False)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, labels, *, grad_accum: int = 1,
