@@ -221,7 +221,7 @@ class LayerSplitStep:
   are made once per state (a second copy of those weights in memory) and kept while the steps
   hand back the same frozen arrays: the stacked originals never enter the jitted step, so they
   come back as the very objects that went in. Same values, other program: within float32
-  rounding of the plain step (tests/test_parallel.py).
+  rounding of the plain step (tests/test_scan_unroll.py).
   """
 
   def __init__(self, step: Callable, split_layers, mesh: Mesh, donate: bool,
