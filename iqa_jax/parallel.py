@@ -192,12 +192,11 @@ def jit_train_step(make_step: Callable[..., Callable], mesh: Mesh, mode: str = "
   rep = replicated(mesh)
   donate_argnums = (0,) if donate else ()
   if mode == "sharded":
-    data = NamedSharding(mesh, P(None, AXIS))
     if split_layers is not None and any(jax.tree.leaves(split_layers)):
       return LayerSplitStep(make_step(micro_batched=True), split_layers, mesh, donate,
                             _options(mesh, cpu_dots))
     return jax.jit(make_step(micro_batched=True), donate_argnums=donate_argnums,
-                   in_shardings=(rep, data),
+                   in_shardings=(rep, NamedSharding(mesh, P(None, AXIS))),
                    out_shardings=(rep, rep), compiler_options=_options(mesh, cpu_dots))
   pmapped = jax.pmap(make_step(micro_batched=True, axis_name=AXIS), AXIS, in_axes=(None, 1),
                      out_axes=None, donate_argnums=donate_argnums, devices=list(mesh.devices.flat))

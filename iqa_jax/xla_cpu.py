@@ -3,9 +3,9 @@
 On jax 0.10 the CPU backend hands every dot to YNNPACK (`__ynn_fusion`); on this project's
 2-core AVX-512 machine that reaches ~104 GFLOP/s on the ViT-B MLP's 3136x768x3072 matmul,
 where XLA's own Eigen dot emitter reaches ~130 and PyTorch's oneDNN ~160 (docs/performance.md,
-issue 24). `compiler_options(devices, dots, params)` gives the options that pick the kernels,
-for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled program and a
-user's XLA_FLAGS are left alone:
+issue 24). `compiler_options(devices, dots, params, program)` gives the options that pick
+the kernels, for `jax.jit(..., compiler_options=...)`, so the choice belongs to each compiled
+program and a user's XLA_FLAGS are left alone:
 
   "auto"    (default) on the CPU: "onednn" for a model whose largest weight matrix has at least
             ONEDNN_MIN_KERNEL entries (ViT-S and up), "eigen" for smaller ones, for heads on
@@ -17,14 +17,15 @@ user's XLA_FLAGS are left alone:
   "ynnpack" XLA's own default: no options
 
 The kernels differ only in float32 rounding (tests/test_xla_cpu.py). Against Eigen, oneDNN
-trains a B/16 at 224 px 10% faster (batch 8) and scores it 5% faster (batch 16; ~20% at 32),
-ViT-S 9% / 13%; a 128-wide tower trains level and scores 11% faster; the demo's 64-wide tower
-runs 20% slower, its dots too small for oneDNN's calls (docs/performance.md). The choice depends
-on the model and the setting alone, never on whether a persistent compilation cache is on: a
-cache changes no number. jax 0.10.2 cannot store oneDNN programs in that cache ("ToProto is not
-implemented for thunk kind: onednn-fusion"), so they are compiled in every process; `cache_note`
-says so in one line where a command was given a cache, and jax's own warning is silenced. An XLA
-that does not know an option (older or newer jaxlib) compiles with its defaults, and says so once.
+trains a B/16 at 224 px 13% faster (batch 8, with _TRAIN) and scores it 5% faster (batch 16;
+~20% at 32), ViT-S 9% / 13% (before _TRAIN); a 128-wide tower trains level and scores 11%
+faster; the demo's 64-wide tower runs 20% slower, its dots too small for oneDNN's calls
+(docs/performance.md). The choice depends on the model and the setting alone, never on
+whether a persistent compilation cache is on: a cache changes no number. jax 0.10.2 cannot store
+oneDNN programs in that cache ("ToProto is not implemented for thunk kind: onednn-fusion"), so
+they are compiled in every process; `cache_note` says so in one line where a command was given
+a cache, and jax's own warning is silenced. An XLA that does not know an option (older or newer
+jaxlib) compiles with its defaults, and says so once.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def compiler_options(devices, dots: str | None = "auto", params=None,
   options = {**_OPTIONS[dots], **(_TRAIN.get(dots, {}) if program == "train" else {})}
   if dots == "onednn":
     _quiet_unstorable()
-  return dict(options) if options and _accepted(tuple(sorted(options.items()))) else None
+  return options if options and _accepted(tuple(sorted(options.items()))) else None
 
 
 @functools.cache
