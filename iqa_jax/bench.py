@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa_jax import xla_cpu
+from iqa_jax import huge_pages, xla_cpu
 from iqa_jax.analysis import xprof
 from iqa_jax.analysis.compute import compiled_bytes as _compiled_bytes
 from iqa_jax.analysis.compute import xla_flops as _xla_flops
@@ -312,7 +312,7 @@ def run(config, batch: int, infer_batch: int, steps: int = 10, warmup: int = 2,
       "image_size": size, "steps": steps, "feed": feed, "finetune": finetune,
       "dtype": config.model.dtype, "param_dtype": config.model.get("param_dtype", "float32"),
       "remat": config.model.remat, "attention": config.model.attention,
-      "cpu_dots": cpu_dots,
+      "cpu_dots": cpu_dots, "huge_pages": huge_pages.active(),
       "donate": config.get("donate", True), "train_img_s": train_ips,
       "infer_img_s": infer_ips, "train_step_ms": 1e3 * train_s / steps,
       "train_compile_s": train_compile, "infer_compile_s": infer_compile,
@@ -380,6 +380,7 @@ def report(r: dict, ref: dict | None = None) -> None:
   print(f"device     {r['device']}, parallel {r['parallel']}; {r['finetune']}, dtype {r['dtype']}"
         f" (frozen weights {r['param_dtype']}), remat {r['remat']}, attention {r['attention']}"
         + (f", cpu dots {r['cpu_dots']}" if r.get("cpu_dots") else "")
+        + (", huge pages" if r.get("huge_pages") else "")
         + f", donate {r['donate']}, {r['image_size']}px")
   print(f"train      batch {r['batch']} (x{r['grad_accum']} accum): {_fmt(r['train_img_s'])} img/s"
         f", {_fmt(r['train_step_ms'], ' ms')}/step, feed {r['feed']}")

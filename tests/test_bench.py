@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from iqa_jax import bench
+from iqa_jax import bench, huge_pages
 from iqa_jax.defaults import load_config_file
 from iqa_jax.models.siglip import VARIANTS, SiglipConfig
 
@@ -44,6 +44,7 @@ def test_tiny_bench_prints_its_figures_and_the_cpu_ratio(capsys, tmp_path):
   assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
   assert r["train_compile_s"] > 0 and r["infer_compile_s"] > 0
   assert r["batch"] == 8 and r["image_size"] == 64 and r["finetune"] == "lora"
+  assert r["huge_pages"] is huge_pages.active()  # pytest's own process: as it was started
   assert r["train_tflops"] > 0 and r["forward_gflop_per_img"] == pytest.approx(0.00411648)
   # XLA's own count of the compiled eval step agrees with the analytic one.
   assert r["xla_infer_tflops"] / r["infer_tflops"] == pytest.approx(1.0, abs=0.3)
