@@ -65,7 +65,7 @@ def active(environ=None) -> bool:
 
 def _runs_iqa_jax_module(argv: list[str]) -> bool:
   """Whether a Python command line runs a module of iqa_jax with -m."""
-  for flag, value in zip(argv, argv[1:]):
+  for flag, value in zip(argv, argv[1:], strict=False):
     if flag == "-m":
       return value == "iqa_jax" or value.startswith("iqa_jax.")
   return False

@@ -68,7 +68,9 @@ def test_heads_major_gradients_match_float64_and_jax_nn(masked):
   want = reference_grads(q, k, v, g, None if mask is None else np.asarray(mask))
 
   def grads(fn):
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v, mask=mask) * g)
+    def loss(q, k, v):
+      return jnp.sum(fn(q, k, v, mask=mask) * g)
+
     return [np.asarray(t, np.float64) for t in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)]
 
   ours = grads(heads_major_attention)
@@ -86,7 +88,10 @@ def test_heads_major_fully_masked_rows_take_no_gradient():
   jnp.where, passes no gradient to q or k."""
   q, k, v = inputs(tq=3, tk=5)
   mask = jnp.asarray([True, False, True])[None, None, :, None] & jnp.ones((1, 1, 3, 5), bool)
-  loss = lambda q, k, v: jnp.sum(heads_major_attention(q, k, v, mask))
+
+  def loss(q, k, v):
+    return jnp.sum(heads_major_attention(q, k, v, mask))
+
   dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   xla = jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
       q, k, v, mask=mask, implementation="xla")), argnums=(0, 1, 2))(q, k, v)

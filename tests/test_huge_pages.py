@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # hook runs in the process that finishes, so it reports the environment the command ran with.
 SITECUSTOMIZE = """
 import atexit, os, sys
-atexit.register(lambda: sys.stderr.write("TUNABLES=" + repr(os.environ.get("GLIBC_TUNABLES")) + "\\n"))
+atexit.register(lambda: sys.stderr.write(
+    "TUNABLES=" + repr(os.environ.get("GLIBC_TUNABLES")) + "\\n"))
 """
 
 

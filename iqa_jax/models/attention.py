@@ -53,22 +53,22 @@ def _flash_fwd(q, k, v, mask):
   logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  # softmax(scale * logits) = e / l; the scale (> 0) commutes with the row max.
+  # softmax(scale * logits) = e / row_sum; the scale (> 0) commutes with the row max.
   e = jnp.exp((logits - jnp.max(logits, axis=-1, keepdims=True)) * scale)
-  l = jnp.sum(e, axis=-1, keepdims=True)
+  row_sum = jnp.sum(e, axis=-1, keepdims=True)
   o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), vh,
-                 preferred_element_type=jnp.float32) / l
-  return _heads(o).astype(v.dtype), (qh, kh, vh, mask, e, l, o)
+                 preferred_element_type=jnp.float32) / row_sum
+  return _heads(o).astype(v.dtype), (qh, kh, vh, mask, e, row_sum, o)
 
 
 def _flash_bwd(residuals, g):
-  qh, kh, vh, mask, e, l, o = residuals
+  qh, kh, vh, mask, e, row_sum, o = residuals
   scale = qh.shape[-1] ** -0.5
-  g_l = _heads(g).astype(jnp.float32) / l  # dO / l: P = e / l without dividing e
+  g_l = _heads(g).astype(jnp.float32) / row_sum  # dO / row_sum: P = e / row_sum, undivided
   dv = jnp.einsum("bhqk,bhqd->bhkd", e.astype(vh.dtype), g_l.astype(vh.dtype),
                   preferred_element_type=jnp.float32)
   dp = jnp.einsum("bhqd,bhkd->bhqk", g_l.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-  # dLogits = P * (dP - rowsum(dP * P)) with rowsum(dP * P) = rowsum(dO * O), all over l.
+  # dLogits = P * (dP - rowsum(dP * P)) with rowsum(dP * P) = rowsum(dO * O), over row_sum.
   ds = e * (dp - jnp.sum(g_l * o, axis=-1, keepdims=True))
   if mask is not None:  # masked logits take no gradient, as through jnp.where
     ds = jnp.where(mask, ds, 0.0)
