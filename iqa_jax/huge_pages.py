@@ -58,9 +58,9 @@ def wanted(environ, system: str, glibc: tuple[int, ...] | None, thp: str | None)
   return system == "linux" and glibc is not None and glibc >= MIN_GLIBC and thp == "madvise"
 
 
-def active(environ=None) -> bool:
+def active() -> bool:
   """Whether this process was started with TUNABLE."""
-  return TUNABLE in (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def _runs_iqa_jax_module(argv: list[str]) -> bool:

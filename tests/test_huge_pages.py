@@ -43,8 +43,8 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
   assert huge_pages.thp_mode(str(tmp_path / "missing")) is None
 
 
-def run(args, **env):
-  site = Path(os.environ.get("PYTEST_TMP_SITE", ""))
+def run(site: Path, args, **env):
+  """Runs `python *args` with only `env` of ours set; -> GLIBC_TUNABLES as the command ended."""
   environ = {k: v for k, v in os.environ.items()
              if k not in ("GLIBC_TUNABLES", huge_pages.ENV)} | env
   environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(site), environ.get("PYTHONPATH"))))
@@ -55,22 +55,22 @@ def run(args, **env):
 
 
 @pytest.fixture
-def site(tmp_path, monkeypatch):
+def site(tmp_path) -> Path:
   (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
-  monkeypatch.setenv("PYTEST_TMP_SITE", str(tmp_path))
+  return tmp_path
 
 
 def test_a_command_runs_with_the_tunable_where_wanted(site):
   here = huge_pages.wanted({}, sys.platform, huge_pages.glibc_version(), huge_pages.thp_mode())
-  got = run(["-m", "iqa_jax.score", "--help"])
+  got = run(site, ["-m", "iqa_jax.score", "--help"])
   assert got == (repr(huge_pages.TUNABLE) if here else "None")
   # The user's tunables are kept; IQA_JAX_HUGE_PAGES=0 leaves the process alone.
-  got = run(["-m", "iqa_jax.score", "--help"], GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")
+  got = run(site, ["-m", "iqa_jax.score", "--help"], GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")
   assert got == repr("glibc.malloc.trim_threshold=1" + (":" + huge_pages.TUNABLE if here else ""))
-  assert run(["-m", "iqa_jax.score", "--help"], IQA_JAX_HUGE_PAGES="0") == "None"
+  assert run(site, ["-m", "iqa_jax.score", "--help"], IQA_JAX_HUGE_PAGES="0") == "None"
 
 
 def test_importing_iqa_jax_leaves_the_process_alone(site):
-  assert run(["-c", "import iqa_jax.score"]) == "None"
+  assert run(site, ["-c", "import iqa_jax.score"]) == "None"
   assert not huge_pages._runs_iqa_jax_module(["python", "-m", "pytest", "-m", "iqa_jax.x"])
   assert huge_pages._runs_iqa_jax_module(["python", "-X", "importtime", "-m", "iqa_jax.train"])
