@@ -30,6 +30,9 @@ def odd_inputs(tmp_path_factory, tiny_demo_dir):
   base.resize((3, 3)).save(d / "tiny.png")  # smaller than a patch
   (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
   (d / "notes.txt").write_text("not an image and not picked up from a folder")
+  (d / "._exif.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata")  # hidden
+  (d / ".thumbs").mkdir()
+  base.save(d / ".thumbs" / "gray.png")  # a hidden folder: not walked
   return d
 
 
@@ -63,14 +66,18 @@ def test_folder_scoring_with_bad_inputs(trained_run, odd_inputs, tmp_path, capsy
                    "--batch-size", "4", str(odd_inputs), missing])
   assert rc == 1  # some inputs failed
   rows = {r["path"]: r for r in _rows(out)}
-  assert len(rows) == 8  # 7 image files in the folder + the missing one; .txt is not an image
+  # 7 image files in the folder + the missing one; .txt, ._exif.jpg and .thumbs/ are left out
+  assert len(rows) == 8
   for name in ("gray.png", "cmyk.jpg", "alpha.png", "sixteen.png", "exif.jpg", "tiny.png"):
     r = rows[str(odd_inputs / name)]
     assert r["error"] == "" and np.isfinite(float(r["score"]))
     assert float(r["mos"]) == pytest.approx(float(r["score"]) * 4 + 1, abs=1e-5)  # KADID scale
   for bad in (str(odd_inputs / "corrupt.jpg"), missing):
     assert rows[bad]["score"] == "" and bad.split("/")[-1] in rows[bad]["error"]
-  assert "could not be scored" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "could not be scored" in err
+  assert (f"note: {odd_inputs}: not scored: 1 hidden folder, 1 hidden file, 1 .txt file "
+          "(image extensions: .bmp .gif") in err
   rc = score_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "t.csv"), "--no-progress",
                    "--no-fail-on-error", missing])
   assert rc == 0
@@ -248,6 +255,22 @@ def test_symlinked_folders_are_followed_and_loops_read_once(tmp_path, capsys):
       str(inputs / "a.png"), str(inputs / "linked" / "b.png"),
       str(inputs / "linked" / "deep" / "c.jpg")]
   assert "symlink loop" in capsys.readouterr().err
+
+
+def test_globs_read_like_the_shell_and_empty_matches_are_noted(tmp_path, capsys):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "empty").mkdir()
+  for f in (tmp_path / "a.jpg", tmp_path / "sub" / "b.png"):
+    Image.new("RGB", (8, 8)).save(f)
+  (tmp_path / "sub" / "c.txt").write_text("x")
+  got = score.expand_inputs([f"{tmp_path}/*", f"{tmp_path}/*.jpeg", str(tmp_path / "empty")])
+  assert got == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.png")]  # folders walked
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"note: {tmp_path}/empty holds no image file",
+                 f"note: {tmp_path}/sub: not scored: 1 .txt file (image extensions: .bmp .gif "
+                 ".jfif .jpeg .jpg .png .tif .tiff .webp)",
+                 f"note: {tmp_path}/*.jpeg matched no file",
+                 f"note: {tmp_path}/empty holds no image file"]
 
 
 def _score_twice_with_a_cache(model_dir, val_paths, tmp_path):

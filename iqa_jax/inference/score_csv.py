@@ -13,6 +13,7 @@ arrays; then  python -m iqa_jax.score merge OUT.csv PART0.csv PART1.csv ...  joi
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import glob
@@ -48,8 +49,10 @@ def _warn(msg: str) -> None:
 
 def _folder_images(folder: str) -> list[str]:
   """Image files under `folder`, symlinked sub-folders followed; a folder reached twice (a
-  symlink loop, or a second link to it) is read once, with a note."""
-  found, seen = [], {}
+  symlink loop, or a second link to it) is read once, with a note. Hidden files and folders
+  (names starting with '.', e.g. macOS's `._IMG_1.jpg`) and files without an image extension
+  are left out, and one note counts them by kind."""
+  found, seen, skipped = [], {}, collections.Counter()
   for root, dirs, files in os.walk(folder, followlinks=True):
     st = os.stat(root)
     key = (st.st_dev, st.st_ino)
@@ -58,15 +61,28 @@ def _folder_images(folder: str) -> list[str]:
       dirs[:] = []
       continue
     seen[key] = root
-    dirs.sort()
-    found += [os.path.join(root, f) for f in sorted(files)
-              if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    skipped["hidden folder"] += sum(d.startswith(".") for d in dirs)
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for f in sorted(files):
+      ext = os.path.splitext(f)[1].lower()
+      if f.startswith("."):
+        skipped["hidden file"] += 1
+      elif ext in IMAGE_EXTS:
+        found.append(os.path.join(root, f))
+      else:
+        skipped[f"{ext} file" if ext else "file without extension"] += 1
+  kinds = ", ".join(f"{n} {kind}{'s' * (n > 1)}" for kind, n in skipped.most_common() if n)
+  if kinds:
+    _warn(f"note: {folder}: not scored: {kinds} (image extensions: "
+          f"{' '.join(sorted(IMAGE_EXTS))})")
+  if not found:
+    _warn(f"note: {folder} holds no image file")
   return found
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
   """Files, folders, globs and @file-lists -> an ordered list of paths (missing ones kept, each
-  path once)."""
+  path once). What a folder or glob leaves out is noted on stderr, never dropped silently."""
   paths: list[str] = []
   for item in inputs:
     if item.startswith("@"):
@@ -79,7 +95,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     elif os.path.isdir(item):
       paths.extend(_folder_images(item))
     elif any(ch in item for ch in "*?[") and not os.path.exists(item):
-      paths.extend(sorted(glob.glob(item, recursive=True)))
+      matched = sorted(glob.glob(item, recursive=True))
+      if not matched:
+        _warn(f"note: {item} matched no file")
+      for path in matched:  # as if the shell had expanded it
+        paths.extend(_folder_images(path) if os.path.isdir(path) else [path])
     else:
       paths.append(item)  # a missing file is reported in its row, never dropped
   unique = list(dict.fromkeys(paths))
