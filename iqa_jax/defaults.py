@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
       "drop_practice": True,  # CLIVE: drop the 7 practice images
       "distortions": "",  # demo: a subset of distortion types, e.g. "gaussian_blur,jpeg"
       "koniq_mos_divisor": 5.0,  # KonIQ-10k: mos = MOS / this (App. B; the official code: 100)
+      "mos_range": "",  # csv: "LO,HI", the scale of the mos column (e.g. "1,5"); "": in [0, 1]
   })
 
   c.optim = ml_collections.ConfigDict()

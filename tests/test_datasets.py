@@ -12,6 +12,7 @@ from conftest import require
 from PIL import Image
 
 from iqa_jax.data import datasets, pipeline
+from iqa_jax.data import records as records_lib
 from iqa_jax.data.records import Record
 
 
@@ -456,3 +457,43 @@ def test_demo_adapter_reads_its_table_like_the_other_adapters(tmp_path):
   _fake_demo(tmp_path / "odd", [["photo.png", "I01.png", 5.0, 0.0]])
   with pytest.raises(ValueError, match=r"dmos.csv:2: dist_img 'photo.png' is not a demo image"):
     demo.load(str(tmp_path / "odd"))
+
+
+def test_csv_on_its_own_scale_with_mos_range(tmp_path):
+  """A csv whose mos column runs 1-5 is refused naming the range and the option; mos_range=1,5
+  normalises it as App. B does KADID's, and the MOS scale maps scores back to 1-5."""
+  for name in "abc":
+    _image(tmp_path / f"imgs/{name}.png")
+  _csv(tmp_path / "labels.csv", ["path", "mos", "prompt"],
+       [["imgs/a.png", 1.0, "p"], ["imgs/b.png", 4.2, "q"], ["imgs/c.png", 5, "q"]])
+  with pytest.raises(ValueError, match=r"csv: 2 of 3 mos values in .*labels.csv are outside "
+                     r"\[0, 1\] \(they run 1 to 5\); name the scale's ends with "
+                     r"--config.data.options.mos_range=LO,HI \(e.g. 1,5 or 0,100\)"):
+    _load("csv", tmp_path)
+  recs = _load("csv", tmp_path, mos_range="1,5")
+  assert [(r.mos, r.raw_mos) for r in recs] == [(0.0, 1.0), (0.8, 4.2), (1.0, 5.0)]
+  assert recs[1].extras == {"row": "labels.csv:3", "prompt": "q"}
+  config = ml_collections.ConfigDict({"name": "csv", "options": {"mos_range": "1,5"}})
+  scale, offset = records_lib.mos_scale(config)
+  assert (scale, offset) == (4.0, 1.0)
+  assert [r.mos * scale + offset for r in recs] == [r.raw_mos for r in recs]
+  for bad, says in (("1-5", "expected LO,HI"), ("5,1", "needs finite LO < HI"),
+                    ("1,nan", "needs finite LO < HI")):
+    with pytest.raises(ValueError, match=rf"data.options.mos_range='{bad}': {says}"):
+      _load("csv", tmp_path, mos_range=bad)
+
+
+def test_csv_few_rows_off_the_unit_scale_are_bad_rows(tmp_path):
+  """One typo among [0, 1] values is a row error (skippable), not a scale problem; a raw_mos
+  column beside mos_range is refused."""
+  for name in "abc":
+    _image(tmp_path / f"imgs/{name}.png")
+  _csv(tmp_path / "labels.csv", ["path", "mos", "raw_mos"],
+       [["imgs/a.png", 0.2, 1], ["imgs/b.png", 42, 2], ["imgs/c.png", 0.9, 3]])
+  config = ml_collections.ConfigDict({"name": "csv", "dir": str(tmp_path), "options": {}})
+  records = datasets.load_records(config)
+  with pytest.raises(ValueError, match=r"b.png \(labels.csv:3\): normalised MOS 42"):
+    pipeline.check_records(records)
+  with pytest.raises(ValueError, match=r"csv: labels.csv:2 has a raw_mos and "
+                     r"data.options.mos_range='0,100' makes mos the raw score"):
+    _load("csv", tmp_path, mos_range="0,100")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from iqa_jax.data.records import MOS_SCALES, Record
+from iqa_jax.data.records import MOS_SCALES, Record, parse_mos_range
 
 REGISTRY = {
     "clive": "iqa_jax.data.clive:load",
@@ -191,10 +191,12 @@ def make_record(dataset: str, path: Path, raw_mos: Any, row: str,
   return Record(str(path), (raw - offset) / scale, raw, {"row": row, **extras})
 
 
-def load_csv(data_dir: str, **_) -> list[Record]:
-  """A CSV (data_dir, or data_dir/labels.csv) with columns path, mos in [0, 1] [, raw_mos, ...].
+def load_csv(data_dir: str, mos_range: str = "", **_) -> list[Record]:
+  """A CSV (data_dir, or data_dir/labels.csv) with columns path, mos [, raw_mos, ...].
 
-  Relative paths are resolved against the CSV's folder; other columns (ref_img, prompt) -> extras.
+  mos is in [0, 1], or on the scale mos_range='LO,HI' names (then normalised as App. B does,
+  (mos - LO) / (HI - LO), and kept as raw_mos). Relative paths are resolved against the CSV's
+  folder; other columns (ref_img, prompt) -> extras.
   """
   table = Path(data_dir).expanduser().resolve()
   if table.is_dir():
@@ -202,13 +204,35 @@ def load_csv(data_dir: str, **_) -> list[Record]:
   if not table.is_file():
     raise ValueError(f"csv: {table} not found; pass the CSV file (or its folder holding "
                      "labels.csv) as --config.data.dir.")
+  ends = parse_mos_range(mos_range)
   records = []
   for row, values in read_csv(table, ("path", "mos"), "csv"):
+    path = (table.parent / values.pop("path")).resolve()
+    if ends:
+      if values.pop("raw_mos", ""):
+        raise ValueError(f"csv: {row} has a raw_mos and data.options.mos_range={mos_range!r} "
+                         "makes mos the raw score; drop one of them.")
+      records.append(make_record("csv", path, values.pop("mos"), row,
+                                 scale=(ends[1] - ends[0], ends[0]), **values))
+      continue
     mos = number(values.pop("mos"))
     raw = number(values.pop("raw_mos")) if values.get("raw_mos") else mos
-    path = (table.parent / values.pop("path")).resolve()
     records.append(Record(str(path), mos, raw, {"row": row, **values}))
+  if not ends:
+    _check_unit_scale(table, records)
   return records
+
+
+def _check_unit_scale(table: Path, records: list[Record]) -> None:
+  """Most mos values outside [0, 1]: the column is on another scale, not a few bad rows (those
+  check_records names, or skips)."""
+  finite = [r.mos for r in records if math.isfinite(r.mos)]
+  outside = sum(not 0 <= m <= 1 for m in finite)
+  if outside * 2 > len(finite):
+    raise ValueError(f"csv: {outside} of {len(finite)} mos values in {table} are outside [0, 1] "
+                     f"(they run {min(finite):g} to {max(finite):g}); name the scale's ends with "
+                     "--config.data.options.mos_range=LO,HI (e.g. 1,5 or 0,100), or write mos "
+                     "in [0, 1].")
 
 
 # ---- Splits --------------------------------------------------------------------------------------
@@ -235,7 +259,8 @@ def make_splits(records: list[Record], seed: int, *, split: str = "random",
     keys = [_content_key(r) for r in records]
     if any(k is None for k in keys):
       raise ValueError("split='content' needs extras['ref_img'] or extras['prompt'] on every "
-                       f"record (e.g. {records[keys.index(None)].path}); use split='random'.")
+                       f"record (e.g. {records[keys.index(None)].path}); use "
+                       "--config.data.split=random.")
     members: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
       members.setdefault(str(k), []).append(i)

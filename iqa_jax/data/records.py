@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,11 +38,28 @@ class RecordSource(Sequence):
     return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}
 
 
+def parse_mos_range(text: str) -> tuple[float, float] | None:
+  """data.options.mos_range, the csv dataset's MOS scale 'LO,HI' (e.g. '1,5') -> (LO, HI);
+  '' -> None (the mos column is already in [0, 1])."""
+  if not str(text).strip():
+    return None
+  try:
+    lo, hi = (float(x) for x in str(text).split(","))
+  except ValueError:
+    raise ValueError(f"data.options.mos_range={text!r}: expected LO,HI, the ends of the mos "
+                     "column's scale, e.g. 1,5 or 0,100") from None
+  if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+    raise ValueError(f"data.options.mos_range={text!r}: needs finite LO < HI, e.g. 1,5")
+  return lo, hi
+
+
 def mos_scale(data_config) -> tuple[float, float]:
   """(scale, offset) of config.data: MOS_SCALES, with KonIQ's data.options.koniq_mos_divisor
-  (the official code divides KonIQ's 1-5 MOS by 100)."""
+  (the official code divides KonIQ's 1-5 MOS by 100) and the csv dataset's mos_range."""
   scale = MOS_SCALES.get(data_config.name, (1.0, 0.0))
+  options = data_config.get("options") or {}
   if data_config.name == "koniq10k":
-    divisor = (data_config.get("options") or {}).get("koniq_mos_divisor", scale[0])
-    scale = (float(divisor), 0.0)
+    scale = (float(options.get("koniq_mos_divisor", scale[0])), 0.0)
+  if data_config.name == "csv" and (ends := parse_mos_range(options.get("mos_range", ""))):
+    scale = (ends[1] - ends[0], ends[0])
   return scale
