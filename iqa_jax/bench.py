@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa_jax import huge_pages, xla_cpu
+from iqa_jax import cli, huge_pages, xla_cpu
 from iqa_jax.analysis import xprof
 from iqa_jax.analysis.compute import compiled_bytes as _compiled_bytes
 from iqa_jax.analysis.compute import xla_flops as _xla_flops
@@ -488,4 +488,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

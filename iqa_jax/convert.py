@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iqa_jax import cli
 from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import official
 
@@ -44,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

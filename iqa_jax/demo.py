@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from iqa_jax import cli
 
 
 def main(argv=None) -> int:
@@ -67,4 +68,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, "the run folder keeps every finished epoch; the same command resumes "
+               "after the last one")

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from iqa_jax import cli
 from iqa_jax.inference import evaluate
 from iqa_jax.inference.evaluate import check_demo_folder, data_config_for, evaluate_run
 from iqa_jax.runs import folder as run_folder
@@ -62,4 +63,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from iqa_jax import parallel
+from iqa_jax import cli, parallel
 from iqa_jax.data import datasets
 from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.models.head import resolve_head
@@ -344,4 +344,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, "finished runs are kept; the same command skips them and resumes the cut "
+               "one")

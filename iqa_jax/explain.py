@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from iqa_jax import cli
 from iqa_jax.analysis import explain
 from iqa_jax.analysis.explain import (
     MIN_PER_SPLIT,
@@ -88,4 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

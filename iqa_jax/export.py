@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iqa_jax import cli
 from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import exported
 from iqa_jax.inference.exported import export_run
@@ -34,4 +35,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from iqa_jax import cli
 from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.training import features
 
@@ -57,4 +58,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, "the batches written so far are kept; the same command continues after "
+               "them")

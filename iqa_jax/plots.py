@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from iqa_jax import cli
 from iqa_jax.analysis import plots, report
 from iqa_jax.analysis.plots import plot_matrix, plot_run
 
@@ -40,4 +41,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from iqa_jax import cli
 from iqa_jax.analysis import analyses, gallery
 from iqa_jax.analysis import report as tables
 from iqa_jax.analysis.report import TABLES, load_rows, make_table, to_markdown, write_csv
@@ -65,4 +66,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import sys
 
-from iqa_jax import parallel, xla_cpu
+from iqa_jax import cli, parallel, xla_cpu
 from iqa_jax.defaults import OneLineParser
 from iqa_jax.inference import score_csv
 from iqa_jax.inference.score_csv import (
@@ -95,4 +95,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, "the rows scored so far are in --out; the same command with --resume keeps "
+               "them and scores the rest (without --resume they are replaced)")

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from iqa_jax import cli
 from iqa_jax.defaults import parse_absl_flags
 from iqa_jax.training import loop
 
@@ -49,4 +50,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, "the run folder keeps every finished epoch; the same command resumes "
+               "after the last one")

@@ -64,6 +64,47 @@ def test_resume_after_kill_gives_the_uninterrupted_result(trained_run, tiny_demo
   assert resumed["final"] == uninterrupted["final"]
 
 
+@pytest.mark.parametrize("cut", ["after val_predictions.csv", "after ckpt/best",
+                                 "before ckpt/last", "after ckpt/last"])
+def test_a_cut_in_the_first_epochs_bookkeeping_resumes_to_the_uninterrupted_run(
+    cut, trained_run, tiny_demo_dir, tmp_path, monkeypatch):
+  """Ctrl-C or a kill can land between any two writes at an epoch's end. ckpt/last commits the
+  epoch: a cut before it retrains the epoch and rewrites the same files; a cut after it
+  rebuilds history.jsonl from ckpt/last. Before, history.jsonl came first, so a first epoch cut
+  before ckpt/last left a folder that every rerun refused (ckpt/last missing beside results)."""
+  _, done, uninterrupted = trained_run
+  workdir = tmp_path / "cut"
+  real_save, real_predictions = checkpoint.RunCheckpoints.save, train.write_predictions
+
+  def save(self, state, labels, which, meta):
+    if cut == f"before ckpt/{which}":  # or during it: orbax renames its temporary folder last
+      raise KeyboardInterrupt(cut)
+    real_save(self, state, labels, which, meta)
+    if cut == f"after ckpt/{which}":
+      raise KeyboardInterrupt(cut)
+
+  def write_predictions(*a, **kw):
+    real_predictions(*a, **kw)
+    raise KeyboardInterrupt(cut)
+
+  monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save)
+  if cut == "after val_predictions.csv":
+    monkeypatch.setattr(train, "write_predictions", write_predictions)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
+  assert checkpoint.read_history(workdir) == []  # nothing recorded as finished yet
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
+  assert resumed["best"] == uninterrupted["best"] and resumed["final"] == uninterrupted["final"]
+  assert [h["epoch"] for h in checkpoint.read_history(workdir)] == [0, 1]
+  assert ((workdir / "val_predictions.csv").read_bytes()
+          == (done / "val_predictions.csv").read_bytes())
+  got, want = checkpoint.load_params(workdir), checkpoint.load_params(done)
+  assert got[1] == want[1]  # the best epoch's meta
+  for key, value in checkpoint.flatten(want[0]).items():
+    np.testing.assert_array_equal(checkpoint.flatten(got[0])[key], value, err_msg=key)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_demo_dir, tmp_path,
                                                                        monkeypatch):
   workdir = tmp_path / "nan"

@@ -24,6 +24,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from iqa_jax import cli
 from iqa_jax.data import datasets, pipeline, pp
 from iqa_jax.data.cache import (  # noqa: F401 - check_cache and open_cache are used from here too
     IMAGES,
@@ -177,4 +178,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

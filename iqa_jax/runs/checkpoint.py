@@ -66,6 +66,8 @@ class RunCheckpoints:
         train=ocp.args.StandardSave({"step": state.step, "rng": state.rng,
                                      "opt_state": state.opt_state}),
         meta=ocp.args.JsonSave(meta))
+    if int(state.step) in mngr.all_steps():  # ckpt/best of an epoch cut before ckpt/last
+      mngr.delete(int(state.step))
     mngr.save(int(state.step), args=args, force=True)
     mngr.wait_until_finished()
 

@@ -287,7 +287,8 @@ def open_run(workdir: str | Path, config, restart: bool = False) -> None:
           f"{w / HISTORY}: {finished} epochs are already trained, more than "
           f"config.optim.epochs={config.optim.epochs}; pass --config.optim.epochs={finished} or "
           f"more to resume or extend, or {fix}.")
-    if not saved_steps(w / "ckpt" / "last"):
+    # ckpt/best alone is a first epoch cut before ckpt/last committed it (training/loop.py)
+    if not saved_steps(w / "ckpt" / "last") and (finished or (w / RESULTS).exists()):
       raise RunFolderError(
           f"{w / 'ckpt' / 'last'} is missing but {w} holds results of a trained run; training "
           f"again would overwrite them with a fresh model. Restore the checkpoint, or {fix}.")

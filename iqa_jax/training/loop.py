@@ -103,6 +103,8 @@ def restore(ckpt: checkpoint.RunCheckpoints, state: TrainState, labels,
   best = meta["best"] if meta["best"] and math.isfinite(meta["best"].get("srcc", math.nan)) \
       else None  # runs made before NaN-only validation was recorded as such stored -inf
   history = [h for h in checkpoint.read_history(workdir) if h["epoch"] <= meta["epoch"]]
+  if meta.get("entry") and (not history or history[-1]["epoch"] < meta["epoch"]):
+    history.append(meta["entry"])  # cut between committing ckpt/last and writing the history
   checkpoint.write_history(workdir, history)
   _log(f"resume: from epoch {meta['epoch'] + 2} (step {int(state.step)}), best SRCC "
        + (f"{best['srcc']:.4f}" if best else "none yet"))
@@ -208,16 +210,18 @@ def end_epoch(epoch: int, state: TrainState, step_metrics: dict, t0: float, trai
   # A NaN SRCC (constant predictions) never counts as an improvement.
   improved = math.isfinite(val["srcc"]) and (progress.best is None
                                              or val["srcc"] > progress.best["srcc"])
+  # ckpt/last commits the epoch. What comes before it (the best epoch's predictions and
+  # checkpoint) a run cut there rewrites, retraining the epoch to the same numbers; what comes
+  # after it (history.jsonl) `restore` rebuilds from the entry ckpt/last carries.
   if improved:
     progress.best = {"epoch": epoch, **val}
     write_predictions(workdir / "val_predictions.csv", val_recs, scores)
-  progress.history.append(entry)
-  checkpoint.write_history(workdir, progress.history)
-  ckpt.save(state, labels, "last", {"epoch": epoch, "best": progress.best})
-  if improved:
     ckpt.save(state, labels, "best", {"epoch": epoch, "best": progress.best})
   if config.get("keep_epoch_checkpoints"):
     ckpt.save_epoch(state, labels, epoch)
+  ckpt.save(state, labels, "last", {"epoch": epoch, "best": progress.best, "entry": entry})
+  progress.history.append(entry)
+  checkpoint.write_history(workdir, progress.history)
   _log(f"epoch {epoch + 1:3d}/{optim.epochs}  loss {entry['train_loss']:.4f}  "
        f"val SRCC {val['srcc']:.4f}  PLCC {val['plcc']:.4f}  "
        f"{entry['train_img_per_s']:.1f} img/s  {entry['time_s']:.1f}s"

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm.auto import tqdm
 
+from iqa_jax import cli
 from iqa_jax.data import datasets, koniq10k, pipeline, spaq
 from iqa_jax.data.records import Record
 from iqa_jax.data.tfds import source as tfds_source
@@ -264,4 +265,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)
