@@ -68,5 +68,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  cli.run(main, "the run folder keeps every finished epoch; the same command resumes "
-               "after the last one")
+  cli.run(main, "the demo set (once built) and every finished epoch are kept; the same "
+               "command goes on from there")
