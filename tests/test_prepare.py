@@ -143,3 +143,44 @@ def test_prepare_options_are_typed(tmp_path, capsys):
   assert prepare.main(args + ["--out", str(tmp_path / "x"), "--option", "drop_practise=0"]) == 2
   assert "--option 'drop_practise=0': expected KEY=VALUE with KEY one of" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
+
+
+def test_a_cut_build_goes_on_after_the_rows_it_recorded(kadid, tmp_path, monkeypatch, capsys):
+  """Ctrl-C in the 6th image: the second run decodes only what was not recorded as written,
+  and the cache equals the one built in one go."""
+  records, whole = kadid
+  out, real, decoded = tmp_path / "cut", pp.get_preprocess_fn, []
+
+  def counting(pp_str):
+    fn = real(pp_str)
+
+    def decode(example):
+      if len(decoded) == 5 and cut:
+        raise KeyboardInterrupt
+      decoded.append(example["path"])
+      return fn(example)
+    return decode
+
+  monkeypatch.setattr(prepare.pp, "get_preprocess_fn", counting)
+  monkeypatch.setattr(prepare, "RECORD_EVERY_S", 0.0)  # record after every row
+  cut = True
+  with pytest.raises(KeyboardInterrupt):
+    prepare.build_cache(records, str(out), 16, threads=1, progress=False)
+  assert not (out / "index.json").exists() and not (out / "images.npy").exists()
+  recorded = json.loads((out / "images.npy.partial.json").read_text())["done"]
+  assert 1 <= recorded <= 5
+  cut, decoded[:] = False, []
+  prepare.build_cache(records, str(out), 16, threads=2, progress=False)
+  assert decoded == [r.path for r in records[recorded:]]
+  assert f"going on with a cut build of {out}: {recorded} of 8 images" in capsys.readouterr().err
+  assert (out / "images.npy").read_bytes() == (Path(whole) / "images.npy").read_bytes()
+  assert json.loads((out / "index.json").read_text()) == json.loads(
+      (Path(whole) / "index.json").read_text())
+  assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "images.npy", "index.json"]
+  # A cut build of other images starts over.
+  cut, decoded[:] = True, []
+  with pytest.raises(KeyboardInterrupt):
+    prepare.build_cache(records, str(tmp_path / "other"), 16, threads=1, progress=False)
+  cut, decoded[:] = False, []
+  prepare.build_cache(records[:7], str(tmp_path / "other"), 16, threads=1, progress=False)
+  assert decoded == [r.path for r in records[:7]]

@@ -6,7 +6,6 @@ where a config's records come from: the adapter's files or a TFDS build.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -20,7 +19,7 @@ from absl import flags, logging
 from PIL import Image
 
 from iqa_jax.data import cache as cache_lib
-from iqa_jax.data import datasets, images, pp
+from iqa_jax.data import datasets, images, pp, threaded
 from iqa_jax.data.records import Record, RecordSource
 from iqa_jax.data.tfds import source as tfds_source
 
@@ -75,8 +74,7 @@ def check_records(records: Sequence[Record], on_error: str = "raise", threads: i
     held = cache_lib.cached_paths(cache)
     file_reasons = [None if r.path in held else f"not in the cache {cache}" for r in records]
   else:
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
-      file_reasons = list(pool.map(_check_file, [r.path for r in records]))
+    file_reasons = list(threaded.imap(_check_file, [r.path for r in records], threads))
   kept, skipped, seen = [], [], {}
   for i, (r, file_reason) in enumerate(zip(records, file_reasons, strict=True)):
     where = r.extras.get("row", f"record {i}")  # adapters put 'table.csv:LINE' there

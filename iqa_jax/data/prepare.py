@@ -11,9 +11,9 @@ reading a row is a memcpy, with no decode (see scripts/bench_pipeline.py).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from iqa_jax import cli
-from iqa_jax.data import datasets, pipeline, pp
+from iqa_jax.data import datasets, pipeline, pp, threaded
 from iqa_jax.data.cache import (  # noqa: F401 - check_cache and open_cache are used from here too
     IMAGES,
     INDEX,
@@ -55,7 +55,10 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
   """Writes out/images.npy and out/index.json for checked records; returns the folder.
 
   A folder that already holds a cache is left as it is when it was built with the same recipe
-  for the same images, and refused otherwise (another --out, or delete it first).
+  for the same images, and refused otherwise (another --out, or delete it first). A cut build
+  (Ctrl-C, a kill) goes on from the last rows it recorded as written (`images.npy.partial` and
+  its `.json`: the recipe, a digest of the image list, the rows done) when it is run again for
+  the same recipe and images; for another, it starts over.
   """
   folder = Path(out)
   pp_str, paths = recipe(size, resample), [r.path for r in records]
@@ -65,25 +68,60 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
     if is_current(str(folder), pp_str, paths):
       return folder
     check_out(out, pp_str, paths)  # again, now that no other build can change it
-    tmp = folder / (IMAGES + ".partial")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                      shape=(len(records), size, size, 3))
+    tmp, shape = folder / (IMAGES + ".partial"), (len(records), size, size, 3)
+    done_file = tmp.with_name(tmp.name + ".json")
+    cut = {"pp": pp_str, "paths_sha256": _digest(paths), "shape": list(shape)}
+    done = _rows_done(tmp, done_file, cut)
+    array = np.lib.format.open_memmap(tmp, mode="r+" if done else "w+", dtype=np.uint8,
+                                      shape=shape)
+    if done:
+      print(f"prepare: going on with a cut build of {folder}: {done} of {len(records)} images "
+            "already written", file=sys.stderr)
     decode = pp.get_preprocess_fn(pp_str)
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(records), desc="prepare", unit="img", disable=not progress,
-               file=sys.stderr)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
-      images = pool.map(lambda r: decode({"path": r.path})["image"], records)
-      for i, image in enumerate(images):
-        array[i] = image
-        bar.update(1)
+    bar = tqdm(total=len(records), initial=done, desc="prepare", unit="img",
+               disable=not progress, file=sys.stderr)
+    last = time.monotonic()
+    images = threaded.imap(lambda r: decode({"path": r.path})["image"], records[done:], threads)
+    for i, image in enumerate(images, start=done):
+      array[i] = image
+      bar.update(1)
+      if time.monotonic() - last > RECORD_EVERY_S:
+        _record_rows(array, done_file, cut, i + 1)
+        last = time.monotonic()
     bar.close()
     array.flush()
     del array
     os.replace(tmp, folder / IMAGES)
     index = {"pp": pp_str, "size": size, "resample": resample, "paths": paths}
     _write_atomic(folder / INDEX, json.dumps(index))  # last: a killed build has no index
+    done_file.unlink(missing_ok=True)
   return folder
+
+
+RECORD_EVERY_S = 2.0  # how often a build records the rows it has written
+
+
+def _digest(paths: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+def _record_rows(array: np.ndarray, done_file: Path, cut: dict, done: int) -> None:
+  """Rows [0, done) are on disk: flushed first, then recorded."""
+  array.flush()
+  _write_atomic(done_file, json.dumps({**cut, "done": done}))
+
+
+def _rows_done(tmp: Path, done_file: Path, cut: dict) -> int:
+  """How many rows of a cut build of this recipe and image list are written (0: start over)."""
+  if not (tmp.exists() and done_file.exists()):
+    return 0
+  try:
+    recorded = json.loads(done_file.read_text())
+    done = int(recorded.pop("done"))
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return 0
+  return done if recorded == cut and 0 < done <= cut["shape"][0] else 0
 
 
 def check_out(out: str, pp_str: str, paths: Sequence[str] | None = None) -> None:
@@ -178,4 +216,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, "the images written so far are kept; the same command goes on after them")
