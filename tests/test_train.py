@@ -64,6 +64,50 @@ def test_resume_after_kill_gives_the_uninterrupted_result(trained_run, tiny_demo
   assert resumed["final"] == uninterrupted["final"]
 
 
+def _cut_and_resume(config, workdir, cut: str, cut_epoch: int, monkeypatch,
+                    rerun=lambda: None) -> dict:
+  """Trains `config` into `workdir` with Ctrl-C raised at `cut` in epoch `cut_epoch`'s
+  bookkeeping, checks that epoch is not recorded as finished (unless cut after ckpt/last),
+  then calls `rerun` and reruns it to the end."""
+  real_save, real_predictions = checkpoint.RunCheckpoints.save, train.write_predictions
+
+  def save(self, state, labels, which, meta):
+    here = meta["epoch"] == cut_epoch
+    if here and cut == f"before ckpt/{which}":  # or during it: orbax renames its temporary
+      raise KeyboardInterrupt(cut)              # folder last
+    real_save(self, state, labels, which, meta)
+    if here and cut == f"after ckpt/{which}":
+      raise KeyboardInterrupt(cut)
+
+  def write_predictions(*a, **kw):
+    real_predictions(*a, **kw)
+    raise KeyboardInterrupt(cut)
+
+  monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save)
+  if cut == "after val_predictions.csv":
+    assert cut_epoch == 0
+    monkeypatch.setattr(train, "write_predictions", write_predictions)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir))
+  assert [h["epoch"] for h in checkpoint.read_history(workdir)] == list(range(cut_epoch))
+  monkeypatch.undo()
+  rerun()
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def _assert_same_run(workdir, resumed, done, uninterrupted):
+  assert resumed["best"] == uninterrupted["best"] and resumed["final"] == uninterrupted["final"]
+  timeless = [[{k: v for k, v in h.items() if k not in ("train_img_per_s", "time_s")}
+               for h in checkpoint.read_history(w)] for w in (workdir, done)]
+  assert timeless[0] == timeless[1]  # losses, metrics, learning rates and gates
+  assert ((workdir / "val_predictions.csv").read_bytes()
+          == (done / "val_predictions.csv").read_bytes())
+  got, want = checkpoint.load_params(workdir), checkpoint.load_params(done)
+  assert got[1] == want[1]  # the best epoch's meta
+  for key, value in checkpoint.flatten(want[0]).items():
+    np.testing.assert_array_equal(checkpoint.flatten(got[0])[key], value, err_msg=key)
+
+
 @pytest.mark.parametrize("cut", ["after val_predictions.csv", "after ckpt/best",
                                  "before ckpt/last", "after ckpt/last"])
 def test_a_cut_in_the_first_epochs_bookkeeping_resumes_to_the_uninterrupted_run(
@@ -73,36 +117,48 @@ def test_a_cut_in_the_first_epochs_bookkeeping_resumes_to_the_uninterrupted_run(
   rebuilds history.jsonl from ckpt/last. Before, history.jsonl came first, so a first epoch cut
   before ckpt/last left a folder that every rerun refused (ckpt/last missing beside results)."""
   _, done, uninterrupted = trained_run
-  workdir = tmp_path / "cut"
-  real_save, real_predictions = checkpoint.RunCheckpoints.save, train.write_predictions
+  resumed = _cut_and_resume(tiny_demo_config(tiny_demo_dir), tmp_path / "cut", cut, 0,
+                            monkeypatch)
+  _assert_same_run(tmp_path / "cut", resumed, done, uninterrupted)
 
-  def save(self, state, labels, which, meta):
-    if cut == f"before ckpt/{which}":  # or during it: orbax renames its temporary folder last
-      raise KeyboardInterrupt(cut)
-    real_save(self, state, labels, which, meta)
-    if cut == f"after ckpt/{which}":
-      raise KeyboardInterrupt(cut)
 
-  def write_predictions(*a, **kw):
-    real_predictions(*a, **kw)
-    raise KeyboardInterrupt(cut)
+@pytest.mark.parametrize("cut", ["after ckpt/best", "before ckpt/last", "after ckpt/last"])
+def test_a_cut_after_a_later_best_keeps_the_best_consistent(cut, tiny_demo_dir, tmp_path,
+                                                            monkeypatch):
+  """Epoch 2 improves (lr 3e-4), saves ckpt/best (replacing epoch 1's), and is cut before
+  ckpt/last. The rerun takes the best from ckpt/best's record, so ckpt/best,
+  val_predictions.csv and results.json agree, as in the uninterrupted run. Before, ckpt/last
+  came first and a cut after it left ckpt/best an epoch behind the recorded best."""
+  config = tiny_demo_config(tiny_demo_dir, **{"optim.lr": 3e-4})
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "done"))
+  assert uninterrupted["best"]["epoch"] == 1  # the case this test is about
+  resumed = _cut_and_resume(config, tmp_path / "cut", cut, 1, monkeypatch)
+  _assert_same_run(tmp_path / "cut", resumed, tmp_path / "done", uninterrupted)
 
-  monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save)
-  if cut == "after val_predictions.csv":
-    monkeypatch.setattr(train, "write_predictions", write_predictions)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
-  assert checkpoint.read_history(workdir) == []  # nothing recorded as finished yet
-  monkeypatch.undo()
-  resumed = train.train_and_evaluate(tiny_demo_config(tiny_demo_dir), str(workdir))
-  assert resumed["best"] == uninterrupted["best"] and resumed["final"] == uninterrupted["final"]
-  assert [h["epoch"] for h in checkpoint.read_history(workdir)] == [0, 1]
-  assert ((workdir / "val_predictions.csv").read_bytes()
-          == (done / "val_predictions.csv").read_bytes())
-  got, want = checkpoint.load_params(workdir), checkpoint.load_params(done)
-  assert got[1] == want[1]  # the best epoch's meta
-  for key, value in checkpoint.flatten(want[0]).items():
-    np.testing.assert_array_equal(checkpoint.flatten(got[0])[key], value, err_msg=key)
+
+def test_a_cut_best_epoch_retrained_lower_elsewhere_stays_the_best(tiny_demo_dir, tmp_path,
+                                                                    monkeypatch):
+  """Resumed on another host, the cut epoch retrains with other rounding; where its first
+  evaluation was a narrow improvement, the second may not be one (forced here: SRCC -1). The
+  best is then still the cut epoch's first evaluation, which ckpt/best and val_predictions.csv
+  hold, never the older epoch's record beside the newer weights."""
+  config = tiny_demo_config(tiny_demo_dir, **{"optim.lr": 3e-4})
+  real = train.metrics.compute_metrics
+
+  def lower_once():
+    calls = []
+
+    def rounded_lower(*a, **kw):
+      m = real(*a, **kw)
+      calls.append(1)
+      return {**m, "srcc": -1.0} if len(calls) == 1 else m
+    monkeypatch.setattr(train.metrics, "compute_metrics", rounded_lower)
+
+  resumed = _cut_and_resume(config, tmp_path / "cut", "before ckpt/last", 1, monkeypatch,
+                            rerun=lower_once)
+  params, meta = checkpoint.load_params(tmp_path / "cut")
+  assert resumed["best"]["epoch"] == meta["epoch"] == 1
+  assert resumed["best"] == meta["best"]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_demo_dir, tmp_path,

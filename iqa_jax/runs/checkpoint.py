@@ -102,6 +102,17 @@ class RunCheckpoints:
                         opt_state=r["train"]["opt_state"], params=params)
     return new, r["meta"]
 
+  def best_meta(self) -> dict | None:
+    """The meta ({'epoch', 'best'}) ckpt/best was saved with; None without one."""
+    mngr = self.managers["best"]
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any failure to read it is reported as one line
+      raise _unreadable(self.root / "best" / str(step), e) from None
+
   def restore_last(self, state, labels):
     return self._restore("last", state, labels)
 

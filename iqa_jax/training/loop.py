@@ -102,6 +102,9 @@ def restore(ckpt: checkpoint.RunCheckpoints, state: TrainState, labels,
   state, meta = restored
   best = meta["best"] if meta["best"] and math.isfinite(meta["best"].get("srcc", math.nan)) \
       else None  # runs made before NaN-only validation was recorded as such stored -inf
+  ahead = ckpt.best_meta()
+  if ahead and ahead["epoch"] > meta["epoch"]:  # saved by an epoch cut before ckpt/last: the
+    best = ahead["best"]  # best is that evaluation, as ckpt/best and val_predictions.csv hold
   history = [h for h in checkpoint.read_history(workdir) if h["epoch"] <= meta["epoch"]]
   if meta.get("entry") and (not history or history[-1]["epoch"] < meta["epoch"]):
     history.append(meta["entry"])  # cut between committing ckpt/last and writing the history
