@@ -16,6 +16,15 @@ from iqa_jax import cli
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _process_state(monkeypatch):
+  """cli.run sets process-wide state for the command it ends (the unraisable hook, two
+  environment variables); put it back for the tests that follow."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  for name in (cli.WORKERS_ENV, "PYTHONWARNINGS"):
+    monkeypatch.setenv(name, os.environ.get(name, ""))
+
+
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
   def main():
     raise KeyboardInterrupt
@@ -40,12 +49,8 @@ def test_ctrl_c_swallowed_by_a_destructor_is_delivered_again(capsys):
       time.sleep(0.001)
     return 0
 
-  before = sys.unraisablehook
-  try:
-    with pytest.raises(SystemExit) as e:
-      cli.run(main)
-  finally:
-    sys.unraisablehook = before
+  with pytest.raises(SystemExit) as e:
+    cli.run(main)
   assert e.value.code == 130
   err = capsys.readouterr().err
   assert err == "\ninterrupted (Ctrl-C)\n", err

@@ -280,50 +280,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # Restore.
   ckpt = checkpoint.RunCheckpoints(workdir, save_frozen=not config.model.init)
-  state, progress = restore(ckpt, state, labels, workdir)
-  record_data(workdir, splits, skipped)
+  try:  # closed however the run ends (Ctrl-C too): no orbax threads left behind
+    state, progress = restore(ckpt, state, labels, workdir)
+    record_data(workdir, splits, skipped)
 
-  # Step.
-  mode = config.parallel
-  state = parallel.put_state(state, labels, mesh, config.model.param_dtype)
-  make_step = functools.partial(
-      make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
-      margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
-      margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
-      fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
-  eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, cpu_dots)
-  if in_memory(config):
-    train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
-                                     steps_per_epoch, cpu_dots)
-  else:
-    train_step = parallel.jit_train_step(
-        make_step, mesh, mode, donate=config.donate, cpu_dots=cpu_dots,
-        split_layers=split_layers_for(config.model, state.params, labels, mesh))
-    put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
-                            grad_accum=optim.grad_accum, keys=("image", "mos"))
-    train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,
-                                       host_batch, steps_per_epoch)
-  val_scores = scorer(val_recs)
+    # Step.
+    mode = config.parallel
+    state = parallel.put_state(state, labels, mesh, config.model.param_dtype)
+    make_step = functools.partial(
+        make_train_step, model, tx, labels, grad_accum=optim.grad_accum,
+        margin_lambda=config.loss.margin_lambda, margin_weight=config.loss.margin_weight,
+        margin_form=config.loss.get("margin_form", "eq1"), with_grad_norm=config.log_grad_norm,
+        fuse_micro_batches=bool(config.data.get("features")))  # the head alone: one pass per step
+    eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh, cpu_dots)
+    if in_memory(config):
+      train, scorer = epochs_in_memory(config, make_step, eval_fn, mesh, train_recs,
+                                       steps_per_epoch, cpu_dots)
+    else:
+      train_step = parallel.jit_train_step(
+          make_step, mesh, mode, donate=config.donate, cpu_dots=cpu_dots,
+          split_layers=split_layers_for(config.model, state.params, labels, mesh))
+      put = functools.partial(parallel.put_batch, mesh=mesh, mode=mode,
+                              grad_accum=optim.grad_accum, keys=("image", "mos"))
+      train, scorer = epochs_from_loader(config, train_step, eval_fn, put, train_recs, pp_str,
+                                         host_batch, steps_per_epoch)
+    val_scores = scorer(val_recs)
 
-  # Epochs.
-  for epoch in range(progress.start_epoch, optim.epochs):
-    t0 = time.time()
-    state, step_metrics = train(state, epoch)
-    check_finite(np.asarray(jax.device_get(step_metrics["loss"]), np.float64), epoch,
-                 steps_per_epoch, workdir)  # waits for the epoch's last step
-    train_s = time.time() - t0  # the img/s of the log: training only, not validation
-    end_epoch(epoch, state, step_metrics, t0, train_s, progress, config=config,
-              scores=val_scores(state.params), val_recs=val_recs,
-              lr=float(lr_at(epoch * steps_per_epoch)), workdir=workdir, ckpt=ckpt, labels=labels)
+    # Epochs.
+    for epoch in range(progress.start_epoch, optim.epochs):
+      t0 = time.time()
+      state, step_metrics = train(state, epoch)
+      check_finite(np.asarray(jax.device_get(step_metrics["loss"]), np.float64), epoch,
+                   steps_per_epoch, workdir)  # waits for the epoch's last step
+      train_s = time.time() - t0  # the img/s of the log: training only, not validation
+      end_epoch(epoch, state, step_metrics, t0, train_s, progress, config=config,
+                scores=val_scores(state.params), val_recs=val_recs,
+                lr=float(lr_at(epoch * steps_per_epoch)), workdir=workdir, ckpt=ckpt, labels=labels)
 
-  # Test.
-  results = summarize(config, progress, splits, len(skipped))
-  if results["status"] == "done" and splits.get("test"):
-    best_state = ckpt.restore_best(state, labels) or state
-    test_scores = scorer(splits["test"])(best_state.params)
-    results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
-  run_folder.write_json(workdir / run_folder.RESULTS, results)
-  ckpt.close()
+    # Test.
+    results = summarize(config, progress, splits, len(skipped))
+    if results["status"] == "done" and splits.get("test"):
+      best_state = ckpt.restore_best(state, labels) or state
+      test_scores = scorer(splits["test"])(best_state.params)
+      results["test"] = metrics.compute_metrics(test_scores, [r.mos for r in splits["test"]])
+    run_folder.write_json(workdir / run_folder.RESULTS, results)
+  finally:
+    ckpt.close()
   return results
 
 
