@@ -184,3 +184,32 @@ def test_a_cut_build_goes_on_after_the_rows_it_recorded(kadid, tmp_path, monkeyp
   cut, decoded[:] = False, []
   prepare.build_cache(records[:7], str(tmp_path / "other"), 16, threads=1, progress=False)
   assert decoded == [r.path for r in records[:7]]
+
+
+def test_a_record_without_its_rows_is_not_trusted(kadid, tmp_path, monkeypatch):
+  """A build that starts over drops an earlier record first: cut before it records anything,
+  the rerun must not skip rows that were never written."""
+  records, whole = kadid
+  out = tmp_path / "stale"
+  out.mkdir()
+  paths = [r.path for r in records]
+  (out / "images.npy.partial.json").write_text(json.dumps(
+      {"pp": prepare.recipe(16, "bilinear"), "paths_sha256": prepare._digest(paths),
+       "shape": [8, 16, 16, 3], "done": 5}))  # its images.npy.partial is gone
+  real, calls = pp.get_preprocess_fn, []
+
+  def cut_at_first(pp_str):
+    def decode(example):
+      calls.append(example["path"])
+      if len(calls) == 1:
+        raise KeyboardInterrupt
+      return real(pp_str)(example)
+    return decode
+
+  monkeypatch.setattr(prepare.pp, "get_preprocess_fn", cut_at_first)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.build_cache(records, str(out), 16, threads=1, progress=False)
+  calls.append("rerun")
+  prepare.build_cache(records, str(out), 16, threads=1, progress=False)
+  assert calls[2:] == paths  # every image decoded again
+  assert (out / "images.npy").read_bytes() == (Path(whole) / "images.npy").read_bytes()

@@ -72,6 +72,8 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
     done_file = tmp.with_name(tmp.name + ".json")
     cut = {"pp": pp_str, "paths_sha256": _digest(paths), "shape": list(shape)}
     done = _rows_done(tmp, done_file, cut)
+    if not done:
+      done_file.unlink(missing_ok=True)  # a record of another build must not vouch for this one
     array = np.lib.format.open_memmap(tmp, mode="r+" if done else "w+", dtype=np.uint8,
                                       shape=shape)
     if done:
