@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from iqa_jax.data.records import MOS_SCALES, Record, parse_mos_range
+from iqa_jax.data.records import MOS_SCALES, Record, csv_mos_scale
 
 REGISTRY = {
     "clive": "iqa_jax.data.clive:load",
@@ -204,21 +204,20 @@ def load_csv(data_dir: str, mos_range: str = "", **_) -> list[Record]:
   if not table.is_file():
     raise ValueError(f"csv: {table} not found; pass the CSV file (or its folder holding "
                      "labels.csv) as --config.data.dir.")
-  ends = parse_mos_range(mos_range)
+  scale = csv_mos_scale(mos_range)
   records = []
   for row, values in read_csv(table, ("path", "mos"), "csv"):
     path = (table.parent / values.pop("path")).resolve()
-    if ends:
+    if scale:
       if values.pop("raw_mos", ""):
         raise ValueError(f"csv: {row} has a raw_mos and data.options.mos_range={mos_range!r} "
                          "makes mos the raw score; drop one of them.")
-      records.append(make_record("csv", path, values.pop("mos"), row,
-                                 scale=(ends[1] - ends[0], ends[0]), **values))
+      records.append(make_record("csv", path, values.pop("mos"), row, scale=scale, **values))
       continue
     mos = number(values.pop("mos"))
     raw = number(values.pop("raw_mos")) if values.get("raw_mos") else mos
     records.append(Record(str(path), mos, raw, {"row": row, **values}))
-  if not ends:
+  if not scale:
     _check_unit_scale(table, records)
   return records
 

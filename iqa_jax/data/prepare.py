@@ -50,6 +50,9 @@ def _single_writer(folder: Path):
     yield
 
 
+RECORD_EVERY_S = 2.0  # how often a build records the rows it has written
+
+
 def build_cache(records: Sequence[Record], out: str, size: int, resample: str = "bilinear",
                 threads: int = os.cpu_count() or 1, progress: bool = True) -> Path:
   """Writes out/images.npy and out/index.json for checked records; returns the folder.
@@ -99,9 +102,6 @@ def build_cache(records: Sequence[Record], out: str, size: int, resample: str = 
     _write_atomic(folder / INDEX, json.dumps(index))  # last: a killed build has no index
     done_file.unlink(missing_ok=True)
   return folder
-
-
-RECORD_EVERY_S = 2.0  # how often a build records the rows it has written
 
 
 def _digest(paths: Sequence[str]) -> str:

@@ -38,19 +38,19 @@ class RecordSource(Sequence):
     return {"path": r.path, "mos": np.float32(r.mos), "index": np.int32(i)}
 
 
-def parse_mos_range(text: str) -> tuple[float, float] | None:
-  """data.options.mos_range, the csv dataset's MOS scale 'LO,HI' (e.g. '1,5') -> (LO, HI);
-  '' -> None (the mos column is already in [0, 1])."""
-  if not str(text).strip():
+def csv_mos_scale(mos_range: str) -> tuple[float, float] | None:
+  """data.options.mos_range, the csv dataset's MOS scale 'LO,HI' (e.g. '1,5') -> (scale,
+  offset) = (HI - LO, LO), as MOS_SCALES gives them; '' -> None (mos is already in [0, 1])."""
+  if not str(mos_range).strip():
     return None
   try:
-    lo, hi = (float(x) for x in str(text).split(","))
+    lo, hi = (float(x) for x in str(mos_range).split(","))
   except ValueError:
-    raise ValueError(f"data.options.mos_range={text!r}: expected LO,HI, the ends of the mos "
+    raise ValueError(f"data.options.mos_range={mos_range!r}: expected LO,HI, the ends of the mos "
                      "column's scale, e.g. 1,5 or 0,100") from None
   if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-    raise ValueError(f"data.options.mos_range={text!r}: needs finite LO < HI, e.g. 1,5")
-  return lo, hi
+    raise ValueError(f"data.options.mos_range={mos_range!r}: needs finite LO < HI, e.g. 1,5")
+  return hi - lo, lo
 
 
 def mos_scale(data_config) -> tuple[float, float]:
@@ -60,6 +60,6 @@ def mos_scale(data_config) -> tuple[float, float]:
   options = data_config.get("options") or {}
   if data_config.name == "koniq10k":
     scale = (float(options.get("koniq_mos_divisor", scale[0])), 0.0)
-  if data_config.name == "csv" and (ends := parse_mos_range(options.get("mos_range", ""))):
-    scale = (ends[1] - ends[0], ends[0])
+  if data_config.name == "csv":
+    scale = csv_mos_scale(options.get("mos_range", "")) or scale
   return scale

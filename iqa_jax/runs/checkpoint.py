@@ -51,6 +51,14 @@ def saved_params(params, labels, save_frozen: bool) -> dict:
   return {k: v for k, v in flat.items() if save_frozen or flat_labels[k] != "frozen"}
 
 
+def _save_over(mngr: ocp.CheckpointManager, step: int, args) -> None:
+  """Saves `step`, replacing a step of that number a run cut before ckpt/last left behind."""
+  if step in mngr.all_steps():
+    mngr.delete(step)
+  mngr.save(step, args=args, force=True)
+  mngr.wait_until_finished()
+
+
 class RunCheckpoints:
   def __init__(self, workdir, save_frozen: bool = False):
     self.root = Path(workdir).absolute() / "ckpt"
@@ -66,10 +74,7 @@ class RunCheckpoints:
         train=ocp.args.StandardSave({"step": state.step, "rng": state.rng,
                                      "opt_state": state.opt_state}),
         meta=ocp.args.JsonSave(meta))
-    if int(state.step) in mngr.all_steps():  # ckpt/best of an epoch cut before ckpt/last
-      mngr.delete(int(state.step))
-    mngr.save(int(state.step), args=args, force=True)
-    mngr.wait_until_finished()
+    _save_over(mngr, int(state.step), args)
 
   def save_epoch(self, state, labels, epoch: int) -> None:
     """The trainable params after 0-based `epoch`, kept in ckpt/epochs/<epoch + 1> for good (no
@@ -77,13 +82,9 @@ class RunCheckpoints:
     if "epochs" not in self.managers:
       self.managers["epochs"] = ocp.CheckpointManager(
           self.root / EPOCHS, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
-    mngr = self.managers["epochs"]
-    if epoch + 1 in mngr.all_steps():  # left by a run killed before ckpt/last recorded the epoch
-      mngr.delete(epoch + 1)
-    mngr.save(epoch + 1, args=ocp.args.Composite(
+    _save_over(self.managers["epochs"], epoch + 1, ocp.args.Composite(
         params=ocp.args.StandardSave(saved_params(state.params, labels, self.save_frozen)),
-        meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step)})), force=True)
-    mngr.wait_until_finished()
+        meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step)})))
 
   def _restore(self, which: str, state, labels):
     mngr = self.managers[which]
